@@ -1,0 +1,12 @@
+"""peel_jax: the PEEL inference-time data leakage attack on residual networks, in JAX.
+
+Reference: Arif, Murugesan, Das, Gittens, Chen, "PEEL the Layers and Find Yourself: Revisiting Inference-time Data
+Leakage for Residual Neural Networks", IEEE SaTML 2025, arXiv 2504.06410.
+"""
+
+from peel_jax import blocks, models, port
+from peel_jax._features import feature_names, features
+
+__version__ = "0.1.0"
+
+__all__ = ["blocks", "models", "port", "features", "feature_names"]
