@@ -101,7 +101,12 @@ def conv_affine(x: jax.Array, p: Mapping[str, jax.Array], stride: int = 1, group
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=groups,
   )
-  return y + p["bias"].astype(x.dtype)
+  return y + _channels(p["bias"].astype(x.dtype), y.ndim)
+
+
+def _channels(v: jax.Array, ndim: int) -> jax.Array:
+  """A per-channel vector reshaped to broadcast against a channels-last array of rank ``ndim``."""
+  return jnp.reshape(v, (1,) * (ndim - 1) + (-1,))
 
 
 def pool(x: jax.Array, kind: str) -> jax.Array:
@@ -147,7 +152,8 @@ class Block:
   def pre(self, x: jax.Array) -> jax.Array:
     """Preact block only: ``h = act0(P x)``."""
     p = self.params["pre"]
-    return self.act("act0")(x * p["scale"].astype(x.dtype) + p["bias"].astype(x.dtype))
+    scale, bias = (_channels(p[k].astype(x.dtype), x.ndim) for k in ("scale", "bias"))
+    return self.act("act0")(x * scale + bias)
 
   def branch(self, h: jax.Array) -> jax.Array:
     """The residual branch ``F``: affine maps with activations between them (none after the last)."""
@@ -249,7 +255,7 @@ def fold_batchnorm(conv: Mapping, bn: Mapping | None, stats: Mapping | None, eps
   if bn is None:
     return {"kernel": kernel, "bias": bias}
   s = bn["scale"] / jnp.sqrt(stats["var"] + eps)
-  return {"kernel": kernel * s, "bias": (bias - stats["mean"]) * s + bn["bias"]}
+  return {"kernel": kernel * _channels(s, kernel.ndim), "bias": (bias - stats["mean"]) * s + bn["bias"]}
 
 
 def _sub(variables, name):
@@ -379,17 +385,13 @@ def extract(model: ResNet, variables, name: str) -> Block | Stage:
   valid = ["stem"] + [f"layer{s + 1}" for s in range(len(model.stage_sizes))] + model.block_names()
   if name == "stem":
     return stem_block(model, variables)
-  if name.startswith("layer"):
-    head, _, tail = name.partition(".")
-    try:
-      s = int(head[len("layer"):]) - 1
-      if tail:
-        return residual_block(model, variables, s, int(tail))
-      if 0 <= s < len(model.stage_sizes):
-        return stage_blocks(model, variables, s)
-    except (ValueError, KeyError):
-      pass
-  raise KeyError(f"unknown block {name!r}; valid names: {', '.join(valid)}")
+  if name not in valid:
+    raise KeyError(f"unknown block {name!r}; valid names: {', '.join(valid)}")
+  head, _, tail = name.partition(".")
+  stage = int(head[len("layer"):]) - 1
+  if tail:
+    return residual_block(model, variables, stage, int(tail))
+  return stage_blocks(model, variables, stage)
 
 
 def network_blocks(model: ResNet, variables) -> list[Block]:

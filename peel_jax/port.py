@@ -20,6 +20,7 @@ batch_stats ``mean`` / ``var``     ``running_mean`` / ``_var``  none
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any, Mapping
@@ -83,6 +84,11 @@ def expected_keys(arch: str | _resnet.ResNet) -> dict[str, tuple[int, ...]]:
   return out
 
 
+@functools.lru_cache(maxsize=None)
+def _expected_keys_cached(arch: str) -> dict[str, tuple[int, ...]]:
+  return expected_keys(arch)
+
+
 def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Reads a torchvision state_dict into numpy arrays.
 
@@ -123,14 +129,13 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
   return out
 
 
-def _guess_arch(keys: set[str], **variant) -> str | None:
+def _guess_arch(entries: set[tuple[str, tuple[int, ...]]]) -> str | None:
+  """The architecture whose (key, shape) pairs best match ``entries`` (keys alone cannot tell resnet50 from
+  wide_resnet50_2 or resnext50_32x4d)."""
   best, best_score = None, 0.0
   for name in _resnet.ARCHS:
-    try:
-      exp = expected_keys(_resnet.get_model(name, **variant))
-    except Exception:  # pragma: no cover
-      continue
-    score = len(keys & set(exp)) / max(len(keys | set(exp)), 1)
+    exp = set(_expected_keys_cached(name).items())
+    score = len(entries & exp) / max(len(entries | exp), 1)
     if score > best_score:
       best, best_score = name, score
   return best if best_score > 0.9 else None
@@ -165,7 +170,7 @@ def from_torchvision(source, arch: str | _resnet.ResNet = "resnet18", **variant)
   ]
   if missing or unexpected or mismatched:
     msg = f"state_dict does not fit arch {arch_name!r}"
-    guess = _guess_arch(set(sd)) if isinstance(arch, str) else None
+    guess = _guess_arch({(k, tuple(v.shape)) for k, v in sd.items()}) if isinstance(arch, str) else None
     if guess and guess != arch:
       msg += f" (it looks like a {guess!r} state_dict)"
     if missing:
@@ -203,7 +208,7 @@ def to_torchvision(variables: Mapping, arch: str | _resnet.ResNet = "resnet18", 
       key = _leaf_to_torch(col, path, np.ndim(leaf))
       if key not in expected:
         raise PortError(f"variable {col}/{'/'.join(path)} has no torchvision key in arch {arch!r}")
-      out[key] = np.ascontiguousarray(_to_torch_layout(col, path[-1], np.asarray(leaf)))
+      out[key] = np.array(_to_torch_layout(col, path[-1], np.asarray(leaf)), order="C", copy=True)
   missing = sorted(set(expected) - set(out))
   if missing:
     raise PortError(f"variables lack {len(missing)} entries of arch {arch!r}: {_short(missing)}")

@@ -59,7 +59,11 @@ def activation_fn(kind: str, negative_slope: float = 0.01, slope: jax.Array | No
   if kind == "prelu":
     if slope is None:
       raise ValueError("prelu needs its learned slope")
-    return lambda u: jnp.where(u >= 0, u, slope * u)
+    def prelu(u):
+      s = jnp.asarray(slope, u.dtype)
+      return jnp.where(u >= 0, u, jnp.reshape(s, (1,) * (u.ndim - s.ndim) + s.shape) * u)
+
+    return prelu
   if kind == "gelu":
     return functools.partial(jax.nn.gelu, approximate=False)
   raise ValueError(f"unknown activation {kind!r}; expected one of {ACTIVATIONS}")

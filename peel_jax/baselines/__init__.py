@@ -1,0 +1,6 @@
+"""Baselines the PEEL solver is measured against."""
+
+from peel_jax.baselines.authors import authors_penalty
+from peel_jax.baselines.fixed_point import fixed_point
+
+__all__ = ["authors_penalty", "fixed_point"]
