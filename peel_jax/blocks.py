@@ -55,7 +55,8 @@ class BlockSpec:
   """
 
   kind: str
-  name: str
+  # Not part of equality/hash: identical blocks with different names share one compiled solver.
+  name: str = dataclasses.field(compare=False)
   kernels: tuple[int, ...]
   strides: tuple[int, ...]
   groups: tuple[int, ...]
