@@ -14,7 +14,7 @@ Drivers. Within a stage the blocks after the first are identical in shape and st
   accelerators (and for a ``jit`` around the whole backward pass).
 * ``driver='loop'`` (the default) inverts block by block from Python, each with the solver's own driver (on CPU
   that drives each jitted step from Python: a convolution inside an XLA loop body, ``scan``/``while_loop``/
-  ``fori_loop``, measured about 5.5x slower there than the same ops driven from Python). Measured here (2-core CPU,
+  ``fori_loop``, measured about 3x slower there than the same ops driven from Python). Measured here (2-core CPU,
   paper-variant resnet34, 96x96 photo, from ``layer1``: three 48x48x64 blocks, the last two scanned; plain He
   branches so every solve runs its whole budget, ``SolverConfig(max_iters=10, cg_iters=10)``), seconds in the
   residual blocks: loop 4.4 cold / 1.3 warm, scan 4.2 cold / 2.6 warm (resnet18, one scanned block: loop 4.1 / 0.85,

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from peel_jax import zoo
 from peel_jax.zoo import IMAGENET_MEAN, IMAGENET_STD
 
 BUNDLED = ("astronaut", "chelsea", "coffee", "grace_hopper", "lfw")
@@ -124,8 +125,7 @@ def load(source: str | os.PathLike, size: int | None = None) -> np.ndarray:
 
 def normalize(img) -> np.ndarray:
   """ImageNet mean/std normalisation of ``[0, 1]`` images, channels last (any leading shape)."""
-  img = np.asarray(img, np.float32)
-  return ((img - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+  return zoo.normalize(np.asarray(img, np.float32))
 
 
 def denormalize(x) -> np.ndarray:

@@ -11,7 +11,7 @@ so batching changes no image's result).
 
 Two drivers run the identical steps: ``'python'`` (default) calls a jitted chunk of ``chunk`` unrolled steps from
 Python, as the authors' PyTorch loop did; ``'fori_loop'`` runs all steps in one ``lax.fori_loop``. On this CPU a
-convolution inside an XLA loop body measured 3.4-5.5x slower, so timing the ``fori_loop`` driver would flatter
+convolution inside an XLA loop body measured about 3x slower (``benchmarks.loop_overhead``), so timing the ``fori_loop`` driver would flatter
 our solver.
 """
 

@@ -12,7 +12,7 @@ adds ``x`` itself). No constraint (such as ``x >= 0``) is imposed: this is the p
 
 The residual of the current iterate costs nothing: ``block(x_k) - y = x_k + F(x_k) - y = x_k - x_{k+1}``.
 
-Driver: on CPU a convolution inside an XLA loop body (``fori_loop``/``while_loop``/``scan``) measured about 5.5x
+Driver: on CPU a convolution inside an XLA loop body (``fori_loop``/``while_loop``/``scan``) measured about 3x
 slower than the same step unrolled, so the iteration is driven from Python in jitted, unrolled chunks of
 ``steps_per_call`` iterations; every image carries its own iteration count and stop flag, and a stopped image is
 frozen by masks, so batching changes no image's result.

@@ -206,7 +206,7 @@ class PreActBlock(nn.Module):
     if self.batch_norm:
       out = _bn("bn1")(out)
     out = act(name="act1")(out)
-    out = _conv(self.planes, 3, 1, "conv2", bias=True if bias else False)(out)
+    out = _conv(self.planes, 3, 1, "conv2", bias=bias)(out)
     identity = x
     if self.downsample:
       identity = _conv(self.planes, 1, self.stride, "downsample_0", bias=bias)(h)
@@ -254,10 +254,6 @@ class ResNet(nn.Module):
   @property
   def block_cls(self):
     return PreActBlock if self.preact else BLOCKS[self.block]
-
-  @property
-  def stem_pool_kind(self) -> str:
-    return self.stem_pool
 
   def block_names(self) -> list[str]:
     """torchvision names of every residual block, in forward order."""

@@ -37,7 +37,7 @@ class SolverConfig:
     init_scale: standard deviation of the ``'random'`` start.
     driver: ``'python'`` drives the jitted step from Python; ``'while_loop'`` runs everything inside one
       ``lax.while_loop`` (use inside ``jit``/``scan``); ``'auto'`` picks ``python`` on CPU (a convolution inside an XLA
-      loop body measured 5.5x slower there) and ``while_loop`` elsewhere.
+      loop body measured about 3x slower there: ``python -m benchmarks.loop_overhead``) and ``while_loop`` elsewhere.
     steps_per_call: iterations per jitted call of the Python driver (unrolled).
   """
 

@@ -131,12 +131,6 @@ def al_residual(block, prob, formulation, u, lam, mu, rho):
   return {"e": e, "c": rc, "g": rg}
 
 
-def _z_of(block, prob, u, formulation):
-  if formulation == "lifted":
-    return lifted.evaluate(_unpost(block), u).out
-  return _z_reduced(block, u["x"])
-
-
 def violation(block, prob, formulation, u):
   _, c, g = constraints(block, prob, u, formulation)
   v = jnp.zeros((), prob.y.dtype)
@@ -279,13 +273,9 @@ def init_state(block: Block, y, x0, key, config: SolverConfig, box) -> State:
       best_x=jnp.clip(x0, prob.lo, prob.hi),
       best_res=jnp.where(jnp.isfinite(res), res, jnp.inf),
       res=res,
-      done=_is_done(block, prob, config, x0, res),
+      done=jnp.isfinite(res) & (res <= config.tol),
       diverged=jnp.zeros((), bool),
   )
-
-
-def _is_done(block, prob, config, x, res):
-  return jnp.isfinite(res) & (res <= config.tol)
 
 
 def iterate(block: Block, y, box, config: SolverConfig, st: State) -> State:
@@ -319,7 +309,7 @@ def iterate(block: Block, y, box, config: SolverConfig, st: State) -> State:
       best_x=jnp.where(better, jnp.clip(x, prob.lo, prob.hi), st.best_x),
       best_res=jnp.where(better, res, st.best_res),
       res=res,
-      done=_is_done(block, prob, config, x, res) | ~finite,
+      done=(finite & (res <= config.tol)) | ~finite,
       diverged=~finite,
   )
   # Masks: a finished image keeps its state exactly.
@@ -336,12 +326,18 @@ def init_batch(block, y, x0, keys, box, config: SolverConfig) -> State:
   return jax.vmap(lambda yy, xx, kk: init_state(block, yy, xx, kk, config, box))(y, x0, keys)
 
 
+def _budgeted_step(block, y, box, config: SolverConfig, st: State) -> State:
+  """One iteration for every image of the batch; an image that has spent ``max_iters`` keeps its state."""
+  new = jax.vmap(lambda yy, ss: iterate(block, yy, box, config, ss))(y, st)
+  budget = st.k < config.max_iters
+  return tree.tree_map(lambda a, b: jnp.where(_bcast(budget, a), a, b), new, st)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "steps"))
 def iterate_batch(block, y, box, st: State, config: SolverConfig, steps: int = 1) -> State:
-  """``steps`` iterations (unrolled) for every image of the batch."""
-  step = jax.vmap(lambda yy, ss: iterate(block, yy, box, config, ss))
+  """``steps`` iterations (unrolled) for every image of the batch, within the iteration budget."""
   for _ in range(steps):
-    st = step(y, st)
+    st = _budgeted_step(block, y, box, config, st)
   return st
 
 
@@ -349,12 +345,7 @@ def _run_while(block, y, box, st, config):
   def cond(s):
     return jnp.any(~s.done & (s.k < config.max_iters))
 
-  def body(s):
-    new = jax.vmap(lambda yy, ss: iterate(block, yy, box, config, ss))(y, s)
-    budget = (s.k < config.max_iters)
-    return tree.tree_map(lambda a, b: jnp.where(_bcast(budget, a), a, b), new, s)
-
-  return jax.lax.while_loop(cond, body, st)
+  return jax.lax.while_loop(cond, lambda s: _budgeted_step(block, y, box, config, s), st)
 
 
 def _bcast(mask, a):
@@ -379,15 +370,8 @@ def solve_batch(block: Block, y, x0, key, config: SolverConfig, box=None):
   if driver == "while_loop" or isinstance(y, jax.core.Tracer):
     st = solve_while(block, y, box_arr, st, config)
   else:
-    steps = config.steps_per_call
-    while True:
-      done = jax.device_get(st.done | (st.k >= config.max_iters))
-      if done.all():
-        break
-      st = iterate_batch(block, y, box_arr, st, config, steps=steps)
-      # Iterations past the budget are undone by keeping k <= max_iters only approximately; trim exactly:
-      if int(jax.device_get(st.k.max())) >= config.max_iters:
-        break
+    while not jax.device_get(jnp.all(st.done | (st.k >= config.max_iters))):
+      st = iterate_batch(block, y, box_arr, st, config, steps=config.steps_per_call)
   return finalize(block, y, st, config, box_arr)
 
 
