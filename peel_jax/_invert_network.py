@@ -540,6 +540,7 @@ def invert_network(
     certify_starts: int = 0,
     stem_method: str = "bounded",
     refine_iters: int = 0,
+    block_solver: Callable | None = None,
 ) -> tuple[jax.Array, NetworkReport]:
   """Recovers the input images of ``model`` from the output of ``layer``, block by block, deepest first.
 
@@ -566,6 +567,12 @@ def invert_network(
     refine_iters: after the block-wise pass, this many iterations of :func:`refine_image` (projected LM on the
       whole map pixels -> ``layer``, from the block-wise estimate, with ``stem_config``'s CG budget). 0 (default):
       the paper's block-wise attack alone. The report then gives the block-wise figures under ``refine``.
+    block_solver: replaces :func:`invert_block` for every residual block (and for an unpooled stem), to run
+      another block solver through the same backward pass and report: a callable ``(block, y, *, key) ->
+      (x_hat, info)`` with ``info`` carrying per-image ``residual``, ``max_violation``, ``iterations`` and
+      ``converged`` (e.g. ``functools.partial(peel_jax.baselines.authors_penalty, steps=1000)``). It needs
+      ``driver='loop'``. A pooled stem is still inverted by :func:`invert_stem` (the baselines have no pooled-stem
+      formulation). Default: :func:`invert_block` with ``config``.
 
   Returns:
     ``(images, report)``: the recovered normalised images ``(N, H, W, 3)`` (unbatched if ``observed`` was) and a
@@ -581,6 +588,8 @@ def invert_network(
     raise KeyError(f"cannot invert from layer {layer!r}; valid layers: {', '.join(valid)}")
   if driver not in DRIVERS:
     raise ValueError(f"unknown driver {driver!r}; expected one of {DRIVERS}")
+  if block_solver is not None and driver != "loop":
+    raise ValueError("a custom block_solver needs driver='loop' (the scan driver runs invert_block itself)")
   if stem_method not in STEM_METHODS:
     raise ValueError(f"unknown stem method {stem_method!r}; expected one of {STEM_METHODS}")
   config = (SolverConfig() if config is None else config).validate()
@@ -647,7 +656,10 @@ def invert_network(
         s = int(blk.spec.name.partition(".")[0][len("layer"):]) - 1
         name = f"layer{s + 1}.{b}"
         t0 = time.perf_counter()
-        x_hat, info = invert_block(blk, y, key=key_of(s, b), config=config)
+        if block_solver is None:
+          x_hat, info = invert_block(blk, y, key=key_of(s, b), config=config)
+        else:
+          x_hat, info = block_solver(blk, y, key=key_of(s, b))
         x_hat = jax.block_until_ready(x_hat)
         dt = time.perf_counter() - t0
         reports.append(block_report(blk, name, x_hat, y, info, dt, _input_name(model, s, b), name))
@@ -676,8 +688,12 @@ def invert_network(
     # The stem.
     box_full = _full_box(box, stem.input_shape(y.shape)[1:], y.dtype)
     t0 = time.perf_counter()
-    x_img, its = invert_stem(stem, y, key=jax.random.fold_in(key, 0), config=stem_config, box=box_full,
-                             method=stem_method)
+    if block_solver is not None and stem.spec.pool == "none":
+      x_img, stem_info = block_solver(stem, y, key=jax.random.fold_in(key, 0))
+      its = _per_image(stem_info.iterations)
+    else:
+      x_img, its = invert_stem(stem, y, key=jax.random.fold_in(key, 0), config=stem_config, box=box_full,
+                               method=stem_method)
     x_img = jax.block_until_ready(x_img)
     dt = time.perf_counter() - t0
     res = _per_image(relative_residual(stem, x_img, y))
