@@ -401,3 +401,48 @@ def network_blocks(model: ResNet, variables) -> list[Block]:
   for s, n in enumerate(model.stage_sizes):
     out += [residual_block(model, variables, s, b) for b in range(n)]
   return out
+
+
+def forward_from(model: ResNet, variables, h: jax.Array, layer: str) -> jax.Array:
+  """The logits of ``model`` given the output ``h`` of ``layer``: the rest of the forward pass, in folded form.
+
+  What a split-learning server computes from the features a client shares (and what a defence applied to those
+  features must preserve).
+
+  Args:
+    model: a :class:`peel_jax.models.ResNet`.
+    variables: its Flax variables.
+    h: the output of ``layer``, ``(N, H, W, C)``.
+    layer: ``'maxpool'`` (the stem output), ``'layerK'`` or ``'layerK.J'``.
+
+  Returns:
+    Logits ``(N, num_classes)``; equal to ``model.apply(variables, x)`` when ``h`` is ``layer``'s output on ``x``.
+
+  Raises:
+    KeyError: an unknown ``layer``, listing the valid ones.
+  """
+  valid = ["maxpool"] + [f"layer{s + 1}" for s in range(len(model.stage_sizes))] + model.block_names()
+  if layer not in valid:
+    raise KeyError(f"cannot continue the forward pass from {layer!r}; valid layers: {', '.join(valid)}")
+  names = model.block_names()
+  if layer == "maxpool":
+    start = 0
+  elif "." in layer:
+    start = names.index(layer) + 1
+  else:
+    stage = int(layer[len("layer"):])
+    start = sum(model.stage_sizes[:stage])
+  x = h
+  for name in names[start:]:
+    s, b = name[len("layer"):].split(".")
+    x = residual_block(model, variables, int(s) - 1, int(b))(x)
+  params, stats = _sub(variables, None)
+  if model.preact:
+    if model.batch_norm:
+      f = fold_batchnorm({"kernel": jnp.ones((1, 1, 1, x.shape[-1])), "bias": jnp.zeros((x.shape[-1],))},
+                         params["bn_final"], stats["bn_final"])
+      x = x * _channels(f["kernel"][0, 0, 0], x.ndim) + _channels(f["bias"], x.ndim)
+    slope = params.get("act_final", {}).get("weight") if model.activation == "prelu" else None
+    x = activation_fn(model.activation, model.negative_slope, slope)(x)
+  x = jnp.mean(x, axis=(1, 2))
+  return x @ params["fc"]["kernel"] + params["fc"]["bias"][None]

@@ -198,3 +198,18 @@ def test_block_is_a_jittable_pytree(name):
   assert rel_err(jax.jit(lambda b, x: b(x))(doubled, x), eager) > 1e-3
   stage = blocks.extract(p.model, p.variables, "layer2")
   assert rel_err(jax.jit(lambda s, x: s(x))(stage, x), p.flax_feats["layer2"]) < TOL
+
+
+@pytest.mark.parametrize("name", ["resnet18", "preact", "preact_prelu_no_bn", "resnet50_paper_prelu"])
+def test_forward_from_a_layer_gives_the_logits(name, record_rel_error):
+  p = case(name)
+  f, model = p.flax_feats, p.model
+  worst = 0.0
+  for layer in ("maxpool", "layer1", "layer2.0", "layer3", model.block_names()[-1]):
+    logits = blocks.forward_from(model, p.variables, f[layer], layer)
+    err = rel_err(logits, f["fc"])
+    assert err < TOL, (layer, err)
+    worst = max(worst, err)
+  record_rel_error(f"blocks forward_from {name}", worst)
+  with pytest.raises(KeyError, match="valid layers: maxpool, layer1"):
+    blocks.forward_from(model, p.variables, f["layer1"], "layer9")
