@@ -57,7 +57,7 @@ class AttackConfig:
   branch_gain: float = dataclasses.field(default=0.3, metadata={
       "help": "random init only: scale of every residual branch's last conv (1.0: He scale)"})
   size: int = dataclasses.field(default=96, metadata={"help": "image side (a multiple of 32)"})
-  images: int = dataclasses.field(default=4, metadata={"help": "private images attacked (the first of --data)"})
+  images: int = dataclasses.field(default=2, metadata={"help": "private images attacked (the first of --data)"})
   batch_size: int = dataclasses.field(default=4, metadata={"help": "images per unit of work"})
   layers: tuple[str, ...] = dataclasses.field(default=("layer1", "layer2", "layer3", "layer4"), metadata={
       "help": "observed layers"})
@@ -67,7 +67,7 @@ class AttackConfig:
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "PEEL CG iterations per LM step"})
   refine_iters: int = dataclasses.field(default=40, metadata={"help": "end-to-end iterations of peel_refined"})
   authors_steps: int = dataclasses.field(default=1000, metadata={"help": "Adam steps per block, authors' solver"})
-  mv_steps: int = dataclasses.field(default=300, metadata={"help": "gradient steps of mahendran_vedaldi"})
+  mv_steps: int = dataclasses.field(default=400, metadata={"help": "gradient steps of mahendran_vedaldi"})
   eval_weights: str | None = dataclasses.field(default=None, metadata={
       "help": "evaluation network state_dict (KNN distance, attack accuracy); default seeded random"})
   eval_arch: str = dataclasses.field(default="resnet18", metadata={"help": "evaluation network architecture"})

@@ -1,9 +1,11 @@
-"""Chest X-rays: PEEL against the baselines on medical images, from each stage of a ResNet (the paper's chest X-ray study).
+"""Chest X-rays: PEEL against the baselines on medical images, from each stage of a ResNet.
 
 The shared study is :mod:`experiments._attack` (methods, metrics, outputs). Offline the default data is
-``bundled:medical`` (images bundled in installed wheels); for the real study pass ``--data`` a chest X-ray folder sorted by class (root/NORMAL, root/PNEUMONIA, ...), ``--weights`` a
-pretrained torchvision ``state_dict`` (with ``--variant torchvision``) and ``--eval-weights`` an evaluation
-classifier trained on the same identities/classes.
+``bundled:medical`` (images bundled in installed wheels; the medical stand-in is scikit-image's retina photo, the
+only medical image bundled). For the real study pass ``--data`` a chest X-ray folder sorted by class
+(``root/NORMAL``, ``root/PNEUMONIA``, ...), ``--weights`` a pretrained torchvision ``state_dict``
+(with ``--variant torchvision``) and ``--eval-weights`` an evaluation classifier trained on the same identities or
+classes.
 """
 
 from __future__ import annotations

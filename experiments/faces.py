@@ -1,9 +1,9 @@
-"""Faces: PEEL against the baselines on face photos, from each stage of a ResNet (the paper's CelebA/FaceScrub study).
+"""Faces: PEEL against the baselines on face photos, from each stage of a ResNet (the paper's face study).
 
 The shared study is :mod:`experiments._attack` (methods, metrics, outputs). Offline the default data is
-``bundled:faces`` (images bundled in installed wheels); for the real study pass ``--data`` a face folder sorted by identity (CelebA, FaceScrub: root/IDENTITY/*.jpg), ``--weights`` a
-pretrained torchvision ``state_dict`` (with ``--variant torchvision``) and ``--eval-weights`` an evaluation
-classifier trained on the same identities/classes.
+``bundled:faces`` (images bundled in installed wheels). For the real study pass ``--data`` a face folder sorted by
+identity (CelebA or FaceScrub: ``root/IDENTITY/*.jpg``), ``--weights`` a pretrained torchvision ``state_dict`` (with
+``--variant torchvision``) and ``--eval-weights`` an evaluation classifier trained on the same identities.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""ImageNet: PEEL against the baselines on natural images, from each stage of a ResNet (the paper's ImageNet study).
+"""ImageNet: PEEL against the baselines on natural images, from each stage of a ResNet.
 
 The shared study is :mod:`experiments._attack` (methods, metrics, outputs). Offline the default data is
-``bundled:natural`` (images bundled in installed wheels); for the real study pass ``--data`` an ImageNet validation folder sorted by synset (root/n01440764/*.JPEG), or tfds:imagenet2012, ``--weights`` a
-pretrained torchvision ``state_dict`` (with ``--variant torchvision``) and ``--eval-weights`` an evaluation
-classifier trained on the same identities/classes.
+``bundled:natural`` (images bundled in installed wheels). For the real study pass ``--data`` an ImageNet
+validation folder sorted by synset (``root/n01440764/*.JPEG``) or ``tfds:imagenet2012``, ``--weights`` a pretrained
+torchvision ``state_dict`` (with ``--variant torchvision``) and ``--eval-weights`` an evaluation classifier trained
+on the same classes.
 """
 
 from __future__ import annotations
