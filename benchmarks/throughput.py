@@ -194,22 +194,28 @@ def measure_block(kind: str, channels: int, size: int, batch: int, config: peel_
 
 
 def measure_network(size: int = 96, batch: int = 1, gain: float = 0.3, layer: str = "layer1",
-                    config: peel_jax.SolverConfig | None = None) -> dict:
-  """One whole-network row: ``peel_jax.invert_network`` on a paper-variant ResNet-18 (branches scaled by ``gain``)."""
+                    config: peel_jax.SolverConfig | None = None, arch: str = "resnet18",
+                    variant: str = "paper") -> dict:
+  """One whole-network row: ``peel_jax.invert_network`` on ``arch`` (``variant``: ``'paper'`` or ``'torchvision'``),
+  random init with every branch's last affine map scaled by ``gain``, a bundled photo tiled ``batch`` times."""
   from peel_jax import images, models
   from peel_jax.cli import scale_branches
 
   img = jnp.asarray(images.normalize(images.bundled("astronaut", size)))[None]
   img = jnp.tile(img, (batch, 1, 1, 1))
-  model = models.resnet18(**models.paper_variant())
+  model = models.get_model(arch, **(models.paper_variant() if variant == "paper" else {}))
   variables = scale_branches(model.init(jax.random.key(0), img), gain)
   feats = peel_jax.features(model, variables, img)
   config = config or peel_jax.SolverConfig()
   fn = lambda: peel_jax.invert_network(model, variables, feats[layer], layer, image=img, config=config)
   (x_hat, report), first, steady, calls = _timed(fn, 1, 0.0)
+  blocks = [b for b in report.blocks if b.name != "stem"]
   return {
-      "network": "resnet18 (paper variant)", "branch_gain": gain, "layer": layer, "size": size, "batch": batch,
+      "network": f"{arch} ({variant} variant)", "branch_gain": gain, "layer": layer, "size": size, "batch": batch,
+      "max_iters": config.max_iters, "blocks": len(blocks),
       "compile_s": max(first - steady, 0.0), "first_call_s": first, "steady_s": steady, "images_per_s": batch / steady,
+      "block_iterations": int(sum(int(np.max(b.iterations)) for b in blocks)),
+      "blocks_converged_fraction": float(np.mean([b.converged_fraction for b in blocks])) if blocks else None,
       "psnr_median": float(np.median(np.asarray(report.psnr))) if report.psnr is not None else None,
       "observation_residual_median": float(np.median(np.asarray(report.observation_residual))),
       "max_rss_mb": _max_rss_mb(), "load_1min": os.getloadavg()[0],
@@ -260,6 +266,10 @@ def parse_args(argv):
   ap.add_argument("--min-time", type=float, default=1.0, help="stop repeating once this many seconds are timed")
   ap.add_argument("--network", action="store_true", help="add whole-network rows (peel_jax.invert_network)")
   ap.add_argument("--network-only", action="store_true", help="only the whole-network rows (implies --network)")
+  ap.add_argument("--network-archs", default="resnet18", help="comma-separated architectures of the network rows")
+  ap.add_argument("--network-layers", default="layer1", help="comma-separated observed layers of the network rows")
+  ap.add_argument("--network-size", type=int, default=96, help="image side of the network rows")
+  ap.add_argument("--network-max-iters", type=int, default=None, help="solver iterations per block (network rows)")
   return ap.parse_args(argv)
 
 
@@ -329,12 +339,17 @@ def main(argv: list[str] | None = None) -> dict:
           write([])
   network = []
   if args.network:
-    try:
-      network.append(measure_network())
-      print(f"# network: {json.dumps(network[-1])}", flush=True)
-    except Exception as e:  # noqa: BLE001 - a report, not a crash: the block rows are still written
-      network.append({"error": f"{type(e).__name__}: {e}"})
-      print(f"# network failed: {network[-1]['error']}", flush=True)
+    net_config = peel_jax.SolverConfig() if args.network_max_iters is None else peel_jax.SolverConfig(
+        max_iters=args.network_max_iters)
+    for arch in _csv(args.network_archs):
+      for layer in _csv(args.network_layers):
+        try:
+          network.append(measure_network(size=args.network_size, layer=layer, config=net_config, arch=arch))
+          print(f"# network: {json.dumps(network[-1])}", flush=True)
+        except Exception as e:  # noqa: BLE001 - a report, not a crash: the other rows are still written
+          network.append({"network": arch, "layer": layer, "error": f"{type(e).__name__}: {e}"})
+          print(f"# network failed: {network[-1]['error']}", flush=True)
+        write(network)
   # The machine may be shared: re-measure the peak at the end and use the better of the two (a peak measured under
   # load would make every row's %-of-peak look too good).
   peak_end = measure_peak_gflops(plan.peak_n)

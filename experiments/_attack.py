@@ -6,6 +6,10 @@ layer, and the method rebuilds the images from the output alone. Methods:
 * ``peel``: :func:`peel_jax.invert_network`, block by block, deepest first (the paper's attack, our solver).
 * ``peel_refined``: ``peel`` followed by ``refine_iters`` iterations of end-to-end refinement on the pixels
   (ours, beyond the paper: it repairs what stride-2 blocks lose block-wise).
+* ``peel_hybrid``: ``peel``, then the refinement started per image from whichever of the block-wise estimate and
+  the ``mahendran_vedaldi`` estimate reproduces the observation better (``refine_start='best'``; the choice sees the
+  observation only). Where block-wise inversion is exact it keeps it; where stride-2 blocks lost the input it
+  starts from the prior-regularised estimate and polishes it towards an exact preimage, with no prior.
 * ``authors``: the same backward pass with the PEEL authors' own at-scale block solver
   (:func:`peel_jax.baselines.authors_penalty`: fixed quadratic penalty 1e2, Adam lr 0.01, ``authors_steps`` steps,
   ``p, n`` clamped at zero, start ``1e-3 N(0, I)``) in place of ours; a pooled stem is inverted by
@@ -38,7 +42,7 @@ import numpy as np
 
 from experiments import _harness as H
 
-METHODS = ("peel", "peel_refined", "authors", "mahendran_vedaldi")
+METHODS = ("peel", "peel_refined", "peel_hybrid", "authors", "mahendran_vedaldi")
 VARIANTS = ("paper", "torchvision")
 
 
@@ -65,7 +69,8 @@ class AttackConfig:
       "help": f"of {METHODS}"})
   max_iters: int = dataclasses.field(default=30, metadata={"help": "PEEL solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "PEEL CG iterations per LM step"})
-  refine_iters: int = dataclasses.field(default=40, metadata={"help": "end-to-end iterations of peel_refined"})
+  refine_iters: int = dataclasses.field(default=40, metadata={
+      "help": "end-to-end iterations of peel_refined and peel_hybrid"})
   authors_steps: int = dataclasses.field(default=1000, metadata={"help": "Adam steps per block, authors' solver"})
   mv_steps: int = dataclasses.field(default=400, metadata={"help": "gradient steps of mahendran_vedaldi"})
   eval_weights: str | None = dataclasses.field(default=None, metadata={
@@ -140,8 +145,10 @@ def _invert(method: str, config: AttackConfig, model, variables, observed, layer
   kw = {}
   if method == "authors":
     kw["block_solver"] = functools.partial(authors_penalty, steps=config.authors_steps)
-  if method == "peel_refined":
+  if method in ("peel_refined", "peel_hybrid"):
     kw["refine_iters"] = config.refine_iters
+  if method == "peel_hybrid":
+    kw["refine_start"] = "best"
   x_hat, report = peel_jax.invert_network(model, variables, observed, layer, key=key, config=solver, image=image,
                                           **kw)
   return x_hat, report, np.asarray(report.observation_residual)

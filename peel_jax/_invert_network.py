@@ -82,6 +82,7 @@ from peel_jax.solver.info import relative_error, relative_residual
 
 DRIVERS = ("loop", "scan")
 STEM_METHODS = ("bounded", "two_stage", "direct")
+REFINE_STARTS = ("blockwise", "best")
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -176,8 +177,8 @@ class NetworkReport:
     driver, stem_method: how it ran.
     estimates: block name -> its recovered input (batched; ``'stem'``: the block-wise image, before any
       refinement), for inspection; not part of :meth:`to_dict`.
-    refine: ``None``, or (``refine_iters > 0``) ``{'iterations', 'seconds', 'blockwise': {...}}`` with the
-      block-wise pass's ``observation_residual``, ``mse``, ``psnr``, ``ssim`` before the refinement.
+    refine: ``None``, or (``refine_iters > 0``) ``{'iterations', 'seconds', 'start', 'blockwise': {...}}`` with the
+      start each image's refinement took (``'blockwise'`` or ``'mahendran_vedaldi'``) and the block-wise pass's ``observation_residual``, ``mse``, ``psnr``, ``ssim`` before the refinement.
   """
 
   layer: str
@@ -212,6 +213,7 @@ class NetworkReport:
         "blocks": [b.to_dict() for b in self.blocks],
         "refine": None if self.refine is None else {
             "iterations": self.refine["iterations"], "seconds": self.refine["seconds"],
+            "start": _first(self.refine["start"]),
             "blockwise": {k: _first(_jsonable(v)) for k, v in self.refine["blockwise"].items()}},
     }
 
@@ -540,6 +542,7 @@ def invert_network(
     certify_starts: int = 0,
     stem_method: str = "bounded",
     refine_iters: int = 0,
+    refine_start: str = "blockwise",
     block_solver: Callable | None = None,
 ) -> tuple[jax.Array, NetworkReport]:
   """Recovers the input images of ``model`` from the output of ``layer``, block by block, deepest first.
@@ -567,6 +570,11 @@ def invert_network(
     refine_iters: after the block-wise pass, this many iterations of :func:`refine_image` (projected LM on the
       whole map pixels -> ``layer``, from the block-wise estimate, with ``stem_config``'s CG budget). 0 (default):
       the paper's block-wise attack alone. The report then gives the block-wise figures under ``refine``.
+    refine_start: where the refinement starts, per image: ``'blockwise'`` (the block-wise estimate) or ``'best'``:
+      whichever of the block-wise estimate and a Mahendran-Vedaldi estimate
+      (:func:`peel_jax.baselines.mahendran_vedaldi`, default settings: its total-variation prior only picks the
+      start, the refinement itself has none) reproduces the observation better. The choice looks at the observation
+      only, never at the truth; the report says which start each image took (``refine['start']``).
     block_solver: replaces :func:`invert_block` for every residual block (and for an unpooled stem), to run
       another block solver through the same backward pass and report: a callable ``(block, y, *, key) ->
       (x_hat, info)`` with ``info`` carrying per-image ``residual``, ``max_violation``, ``iterations`` and
@@ -592,6 +600,8 @@ def invert_network(
     raise ValueError("a custom block_solver needs driver='loop' (the scan driver runs invert_block itself)")
   if stem_method not in STEM_METHODS:
     raise ValueError(f"unknown stem method {stem_method!r}; expected one of {STEM_METHODS}")
+  if refine_start not in REFINE_STARTS:
+    raise ValueError(f"unknown refine_start {refine_start!r}; expected one of {REFINE_STARTS}")
   config = (SolverConfig() if config is None else config).validate()
   stem_config = (config if stem_config is None else stem_config).validate()
   key = jax.random.key(0) if key is None else key
@@ -721,10 +731,19 @@ def invert_network(
   refine = None
   if refine_iters > 0:
     t0 = time.perf_counter()
+    from_prior = np.zeros(obs_res.shape, bool)
+    if refine_start == "best":
+      from peel_jax.baselines.mahendran_vedaldi import mahendran_vedaldi  # (it imports this module)
+
+      x_mv, _ = mahendran_vedaldi(model, variables, observed, layer, key=jax.random.fold_in(key, 2**31 - 1),
+                                box=box)
+      from_prior = _per_image(_observation_residual(model, variables, layer, x_mv, observed)) < obs_res
+      x_img = jnp.where(from_prior[:, None, None, None], x_mv, x_img)
     x_img, k = refine_image(model, variables, layer, observed, x_img, box=box_full, config=stem_config,
                             iters=refine_iters)
-    refine = {"iterations": k, "seconds": time.perf_counter() - t0, "blockwise": {
-        "observation_residual": obs_res, "mse": mse, "psnr": psnr, "ssim": ssim}}
+    refine = {"iterations": k, "seconds": time.perf_counter() - t0,
+              "start": ["mahendran_vedaldi" if f else "blockwise" for f in from_prior], "blockwise": {
+                  "observation_residual": obs_res, "mse": mse, "psnr": psnr, "ssim": ssim}}
     obs_res, mse, psnr, ssim = image_figures(x_img)
   report = NetworkReport(layer=layer, blocks=reports, observation_residual=obs_res, mse=mse, psnr=psnr, ssim=ssim,
                          seconds=time.perf_counter() - t_start, driver=driver,

@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
   inv.add_argument("--driver", default="loop", choices=("loop", "scan"), help="block driver (loop: fastest on CPU)")
   inv.add_argument("--refine", type=int, default=0, metavar="N",
                    help="N iterations of end-to-end refinement after the block-wise pass (default 0)")
+  inv.add_argument("--refine-start", default="blockwise", choices=("blockwise", "best"),
+                   help="start of the refinement: the block-wise estimate, or per image the better (by observation "
+                        "residual) of it and a Mahendran-Vedaldi estimate")
   inv.add_argument("--certify", action="store_true", help="report each block's determinacy (certify_block)")
 
   demo = sub.add_parser("demo", help="the attack on a bundled face photo, from every stage output")
@@ -265,7 +268,7 @@ def _invert(args) -> int:
   x_hat, report = peel_jax.invert_network(
       model, variables, feats[args.layer], args.layer, key=jax.random.key(args.seed), config=config,
       true_features=feats, image=x, driver=args.driver, progress=sys.stderr.isatty(), certify=args.certify,
-      refine_iters=args.refine)
+      refine_iters=args.refine, refine_start=args.refine_start)
   seconds = time.perf_counter() - t0
   recovered = images.denormalize(x_hat[0])
   metrics = report.to_dict()

@@ -198,3 +198,21 @@ def test_images_load_normalise_and_round_trip(tmp_path):
     images.load(bad)
   with pytest.raises(images.ImageError, match="not found"):
     images.load(tmp_path / "missing.png")
+
+
+def test_refinement_from_the_better_start_never_explains_the_observation_worse():
+  """refine_start='best' picks, per image and from the observation alone, the start that reproduces it better."""
+  x = jnp.asarray(images.normalize(np.stack([images.bundled(n, 32) for n in ("astronaut", "chelsea")])))
+  model, v = _paper_net(x, 0.3)
+  feats = peel_jax.features(model, v, x)
+  _, report = peel_jax.invert_network(model, v, feats["layer2"], "layer2", image=x, config=FAST, refine_iters=3,
+                                      refine_start="best")
+  blockwise = report.refine["blockwise"]
+  assert set(report.refine["start"]) <= {"blockwise", "mahendran_vedaldi"}
+  assert np.all(report.observation_residual <= blockwise["observation_residual"] * (1 + 1e-6))
+  # Through the stride-2 layer2.0 the block-wise estimate is a preimage far from the image; the prior's start wins.
+  assert report.refine["start"] == ["mahendran_vedaldi"] * 2
+  assert np.all(report.psnr > blockwise["psnr"] + 5.0), (report.psnr, blockwise["psnr"])
+  assert report.to_dict()["refine"]["start"] == ["mahendran_vedaldi"] * 2
+  with pytest.raises(ValueError, match="refine_start"):
+    peel_jax.invert_network(model, v, feats["layer2"], "layer2", refine_iters=1, refine_start="magic")
