@@ -80,13 +80,22 @@ class _Parser(argparse.ArgumentParser):
     raise BadConfig(message)
 
 
+def module_name(cls) -> str:
+  """The dotted module of ``cls`` (``experiments.toy_block`` also when run as ``python -m``)."""
+  mod = cls.__module__
+  if mod == "__main__":
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    mod = spec.name if spec is not None else mod
+  return mod
+
+
 def parse_config(cls, argv: Sequence[str] | None, description: str):
   """``(config, options)`` from the command line: one ``--flag`` per field of the dataclass ``cls``.
 
   ``options`` holds the run options that are not part of the config: ``overwrite``, ``stop_after``,
   ``distributed``. Field help comes from ``field.metadata['help']``.
   """
-  p = _Parser(prog=f"python -m {cls.__module__}", description=description,
+  p = _Parser(prog=f"python -m {module_name(cls)}", description=description,
               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   for f in dataclasses.fields(cls):
     flag = "--" + f.name.replace("_", "-")
@@ -422,7 +431,7 @@ def main(cls, run_fn: Callable, argv: Sequence[str] | None, description: str) ->
     config, options = parse_config(cls, argv, description)
     maybe_initialize_distributed(options["distributed"])
     args = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join(["python", "-m", cls.__module__, *args])
+    command = " ".join(["python", "-m", module_name(cls), *args])
     run = Run(config.out, config, overwrite=options["overwrite"], stop_after=options["stop_after"], command=command)
     t0 = time.perf_counter()
     run_fn(config, run)

@@ -11,7 +11,8 @@ The paper leaves defences open. A client shares the output of ``--layers`` of a 
   (:func:`peel_jax.blocks.forward_from`), and its agreement with the undefended prediction, on held-out images.
 
 Both networks are trained here, offline, on ``--data`` (default scikit-learn's digits at 32x32) by
-:func:`experiments._training.train_classifier`: the target (``--arch``/``--variant``, small-image stem) and an
+:func:`experiments._training.train_classifier`: the target (``--arch``/``--variant``; the ImageNet stem, so
+32x32 digits reach ``layer1`` at 16x16 in the paper variant) and an
 evaluation network of the same architecture trained from another seed (the two share one compiled training step;
 the evaluation network sees only reconstructions and private images, never the shared features). ``--weights``
 replaces the target's training run with a torchvision ``state_dict`` (its ``fc`` must match the data's classes).
@@ -51,7 +52,7 @@ class Config:
   weights: str | None = dataclasses.field(default=None, metadata={
       "help": "the target classifier (torchvision state_dict); default: trained here on --data"})
   arch: str = dataclasses.field(default="resnet18", metadata={"help": "target architecture"})
-  variant: str = dataclasses.field(default="paper", metadata={"help": "paper or torchvision (small-image stem)"})
+  variant: str = dataclasses.field(default="paper", metadata={"help": "paper or torchvision"})
   size: int = dataclasses.field(default=32, metadata={"help": "image side (multiple of 32)"})
   layers: tuple[str, ...] = dataclasses.field(default=("layer1", "layer2"), metadata={"help": "shared layers"})
   gaussian: tuple[float, ...] = dataclasses.field(default=(0.01, 0.03, 0.1, 0.3, 1.0), metadata={
@@ -63,7 +64,7 @@ class Config:
   utility_images: int = dataclasses.field(default=359, metadata={"help": "held-out images for accuracy"})
   max_iters: int = dataclasses.field(default=30, metadata={"help": "PEEL solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "CG iterations per LM step"})
-  train_steps: int = dataclasses.field(default=300, metadata={"help": "Adam steps of each training run"})
+  train_steps: int = dataclasses.field(default=200, metadata={"help": "Adam steps of each training run"})
   seed: int = dataclasses.field(default=0, metadata={"help": "seed of training, defences and solvers"})
 
   def validate(self):
@@ -85,10 +86,9 @@ class Config:
 
 
 def _target_options(config: Config) -> dict:
-  opts = dict(small_stem=True, stem_pool="none")
-  if config.variant == "paper":
-    opts.update(batch_norm=False, post_activation=False)
-  return opts
+  from peel_jax import models
+
+  return models.paper_variant() if config.variant == "paper" else {}
 
 
 def networks(config: Config, run: H.Run, ds, split) -> tuple:
@@ -235,7 +235,7 @@ def summarize(config: Config, rows: list[dict], train_stats: dict) -> dict:
           **{k: H.describe([r[k] for r in img]) for k in ("psnr", "ssim", "knn_distance", "observation_residual")},
           "per_image_psnr": {r["name"]: r["psnr"] for r in img},
       })
-  return {"target": config.weights or f"{config.arch} ({config.variant}, small-image stem), trained here",
+  return {"target": config.weights or f"{config.arch} ({config.variant}), trained here",
           "training": train_stats, "groups": groups}
 
 

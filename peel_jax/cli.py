@@ -36,14 +36,20 @@ DEMO_GAIN = 0.3
 DEMO_MAX_ITERS = 30
 DEMO_CG_ITERS = 20
 DEMO_REFINE = 40
+DEMO_REFINE_START = "best"
 DEMO_EXPLANATION = (
     "demo: resnet18, paper variant (no BatchNorm, no post-add ReLU, no stem pool), random He weights (seed {seed}) "
     "with every residual branch's last conv scaled by {gain}: small branches that refine their input, as trained "
     "ones mostly do, under which a block's input is recovered exactly from its output (DESIGN.md: at this scale "
     "every start reached the true input of a paper block; at the plain He scale a block is not injective and no "
     "method can claim the input). Stride-2 blocks have fewer outputs than inputs: block-wise inversion returns a "
-    "preimage, so each run is also refined end to end on the pixels. Image: {image} at {size}x{size}."
+    "preimage, so each run is also refined end to end on the pixels (LM on the whole map pixels -> layer, no prior), "
+    "starting per image from whichever of the block-wise estimate and a Mahendran-Vedaldi estimate (total-variation "
+    "prior) reproduces the observation better. Image: {image} at {size}x{size}."
 )
+
+
+_START_LABEL = {"blockwise": "block-wise start", "mahendran_vedaldi": "M-V start"}
 
 
 class BadInput(Exception):
@@ -316,18 +322,19 @@ def _demo(args) -> int:
   for layer in DEMO_LAYERS:
     x_hat, report = peel_jax.invert_network(
         model, variables, feats[layer], layer, key=jax.random.key(DEMO_SEED), config=config, true_features=feats,
-        image=x, progress=sys.stderr.isatty(), refine_iters=DEMO_REFINE)
+        image=x, progress=sys.stderr.isatty(), refine_iters=DEMO_REFINE, refine_start=DEMO_REFINE_START)
     runs[layer] = (images.denormalize(report.estimates["stem"][0]), images.denormalize(x_hat[0]), report)
     blockwise = report.refine["blockwise"]
     n_obs, n_pix = int(np.prod(feats[layer].shape[1:])), int(np.prod(x.shape[1:]))
-    print(f"{layer}: block-wise PSNR {float(blockwise['psnr'][0]):.2f} dB, refined PSNR {float(report.psnr[0]):.2f} "
-          f"dB, SSIM {float(report.ssim[0]):.3f}, {report.seconds:.1f} s ({n_obs} observed values for {n_pix} "
+    print(f"{layer}: block-wise PSNR {float(blockwise['psnr'][0]):.2f} dB, refined (from the "
+          f"{report.refine['start'][0]} estimate) PSNR {float(report.psnr[0]):.2f} dB, SSIM {float(report.ssim[0]):.3f}, {report.seconds:.1f} s ({n_obs} observed values for {n_pix} "
           f"pixel values{'' if n_obs >= n_pix else ': underdetermined'})", flush=True)
   seconds = time.perf_counter() - t_all
   metrics = {
       "description": explanation, "arch": "resnet18", "variant": "paper", "branch_gain": DEMO_GAIN,
       "image": DEMO_IMAGE, "size": DEMO_SIZE, "seed": DEMO_SEED, "seconds": seconds,
-      "solver": {"max_iters": DEMO_MAX_ITERS, "cg_iters": DEMO_CG_ITERS, "refine_iters": DEMO_REFINE},
+      "solver": {"max_iters": DEMO_MAX_ITERS, "cg_iters": DEMO_CG_ITERS, "refine_iters": DEMO_REFINE,
+                 "refine_start": DEMO_REFINE_START},
       "backend": jax.default_backend(),
       "layers": {layer: {**rep.to_dict(), "shape": list(feats[layer].shape[1:])} for layer, (*_, rep) in runs.items()},
   }
@@ -342,7 +349,8 @@ def _demo(args) -> int:
     ax.axis("off")
     for i, (layer, (blockwise, refined, rep)) in enumerate(runs.items()):
       for row, (rec, what, psnr) in enumerate(((blockwise, "block-wise", rep.refine["blockwise"]["psnr"]),
-                                               (refined, "+ refinement", rep.psnr))):
+                                               (refined, "refined, " + _START_LABEL[rep.refine["start"][0]],
+                                                rep.psnr))):
         ax = fig.add_subplot(2, cols, row * cols + i + 2)
         ax.imshow(np.clip(rec, 0, 1), interpolation="nearest")
         ax.set_title(f"{layer} {what}\nPSNR {float(psnr[0]):.1f} dB", fontsize=8)
