@@ -61,12 +61,12 @@ class AttackConfig:
   branch_gain: float = dataclasses.field(default=0.3, metadata={
       "help": "random init only: scale of every residual branch's last conv (1.0: He scale)"})
   size: int = dataclasses.field(default=96, metadata={"help": "image side (a multiple of 32)"})
-  images: int = dataclasses.field(default=2, metadata={"help": "private images attacked (the first of --data)"})
+  images: int = dataclasses.field(default=1, metadata={"help": "private images attacked (the first of --data)"})
   batch_size: int = dataclasses.field(default=4, metadata={"help": "images per unit of work"})
   layers: tuple[str, ...] = dataclasses.field(default=("layer1", "layer2", "layer3", "layer4"), metadata={
       "help": "observed layers"})
-  methods: tuple[str, ...] = dataclasses.field(default=("peel", "authors", "mahendran_vedaldi"), metadata={
-      "help": f"of {METHODS}"})
+  methods: tuple[str, ...] = dataclasses.field(
+      default=("peel", "peel_hybrid", "authors", "mahendran_vedaldi"), metadata={"help": f"of {METHODS}"})
   max_iters: int = dataclasses.field(default=30, metadata={"help": "PEEL solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "PEEL CG iterations per LM step"})
   refine_iters: int = dataclasses.field(default=40, metadata={

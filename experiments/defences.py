@@ -10,9 +10,8 @@ The paper leaves defences open. A client shares the output of ``--layers`` of a 
 * **utility**: the server's accuracy when it finishes the forward pass from the defended features
   (:func:`peel_jax.blocks.forward_from`), and its agreement with the undefended prediction, on held-out images.
 
-Both networks are trained here, offline, on ``--data`` (default scikit-learn's digits at 32x32) by
-:func:`experiments._training.train_classifier`: the target (``--arch``/``--variant``; the ImageNet stem, so
-32x32 digits reach ``layer1`` at 16x16 in the paper variant) and an
+Both networks are trained here, offline, on ``--data`` (default scikit-learn's digits, upsampled to 48x48) by
+:func:`experiments._training.train_classifier`: the target (``--arch``/``--variant``, the ImageNet stem) and an
 evaluation network of the same architecture trained from another seed (the two share one compiled training step;
 the evaluation network sees only reconstructions and private images, never the shared features). ``--weights``
 replaces the target's training run with a torchvision ``state_dict`` (its ``fc`` must match the data's classes).
@@ -53,7 +52,8 @@ class Config:
       "help": "the target classifier (torchvision state_dict); default: trained here on --data"})
   arch: str = dataclasses.field(default="resnet18", metadata={"help": "target architecture"})
   variant: str = dataclasses.field(default="paper", metadata={"help": "paper or torchvision"})
-  size: int = dataclasses.field(default=32, metadata={"help": "image side (multiple of 32)"})
+  size: int = dataclasses.field(default=48, metadata={
+      "help": "image side (multiple of 16; 48 keeps every map at least 3x3: 2x2 maps are slow on CPU here)"})
   layers: tuple[str, ...] = dataclasses.field(default=("layer1", "layer2"), metadata={"help": "shared layers"})
   gaussian: tuple[float, ...] = dataclasses.field(default=(0.01, 0.03, 0.1, 0.3, 1.0), metadata={
       "help": "noise-to-signal ratios"})
@@ -65,14 +65,15 @@ class Config:
   max_iters: int = dataclasses.field(default=30, metadata={"help": "PEEL solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "CG iterations per LM step"})
   train_steps: int = dataclasses.field(default=200, metadata={"help": "Adam steps of each training run"})
+  train_batch: int = dataclasses.field(default=16, metadata={"help": "images per Adam step of the training run"})
   seed: int = dataclasses.field(default=0, metadata={"help": "seed of training, defences and solvers"})
 
   def validate(self):
     if self.variant not in ("paper", "torchvision"):
       raise ValueError(f"unknown --variant {self.variant!r}")
-    if self.size < 32 or self.size % 32:
-      raise ValueError(f"--size must be a positive multiple of 32, got {self.size}")
-    for name in ("images", "utility_images", "max_iters", "cg_iters", "train_steps"):
+    if self.size < 32 or self.size % 16:
+      raise ValueError(f"--size must be a multiple of 16, at least 32, got {self.size}")
+    for name in ("images", "utility_images", "max_iters", "cg_iters", "train_steps", "train_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if any(s < 0 for s in self.gaussian) or any(not 0 <= p < 1 for p in self.dropout):
@@ -116,7 +117,8 @@ def networks(config: Config, run: H.Run, ds, split) -> tuple:
     else:
       init = model.init(jax.random.key(seed), jnp.asarray(x[:1]))
       train = functools.partial(_training.train_classifier, model, init, x[train_idx], ds.labels[train_idx],
-                                key=jax.random.key(seed + 7), steps=config.train_steps, holdout=0.0)
+                                key=jax.random.key(seed + 7), steps=config.train_steps,
+                                batch_size=config.train_batch, holdout=0.0)
       variables, st = _training.cached_training(run.path(f"{role}.msgpack"), model, init, train)
     held = split["holdout"][:config.utility_images]
     st = {**st, "holdout_accuracy": _training.accuracy(model, variables, x[held], ds.labels[held]),

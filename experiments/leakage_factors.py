@@ -20,7 +20,7 @@ factor             settings (the base's first)
 =================  ==========================================================================================
 
 The trained network is trained here, offline: the base architecture with 10 classes, trained on scikit-learn's
-digits (bundled) at 32x32 by :func:`experiments._training.train_classifier` (its held-out accuracy is in
+digits (bundled, upsampled to 96x96) by :func:`experiments._training.train_classifier` (its held-out accuracy is in
 ``summary.json``), then attacked on ``--data`` at ``--size`` like every other setting. ``--weights`` replaces that
 run with a torchvision ``state_dict`` of the base architecture.
 
@@ -85,8 +85,11 @@ class Config:
   max_iters: int = dataclasses.field(default=20, metadata={"help": "solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "CG iterations per LM step"})
   train_data: str = dataclasses.field(default="bundled:digits", metadata={"help": "data of the training run"})
-  train_size: int = dataclasses.field(default=32, metadata={"help": "image side of the training run"})
+  train_size: int = dataclasses.field(default=96, metadata={
+      "help": "image side of the training run (96: the ImageNet stem then keeps every map at least 3x3; smaller "
+              "sizes reach 2x2 and 1x1 maps, which are pathologically slow on CPU here)"})
   train_steps: int = dataclasses.field(default=150, metadata={"help": "Adam steps of the training run"})
+  train_batch: int = dataclasses.field(default=16, metadata={"help": "images per Adam step of the training run"})
   seed: int = dataclasses.field(default=0, metadata={"help": "seed of inits, training and solvers"})
 
   def validate(self):
@@ -97,7 +100,7 @@ class Config:
       raise ValueError(f"unknown --base-variant {self.base_variant!r}")
     if self.size < 32 or self.size % 32:
       raise ValueError(f"--size must be a positive multiple of 32, got {self.size}")
-    for name in ("images", "max_iters", "cg_iters", "train_steps", "train_size"):
+    for name in ("images", "max_iters", "cg_iters", "train_steps", "train_size", "train_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
 
@@ -135,7 +138,8 @@ def trained_variables(config: Config, run: H.Run) -> tuple[dict, dict]:
   x = images.normalize(ds.images)
   init = model.init(jax.random.key(config.seed), jnp.asarray(x[:1]))
   key = jax.random.key(config.seed + 7)
-  train = functools.partial(_training.train_classifier, model, init, x, ds.labels, key=key, steps=config.train_steps)
+  train = functools.partial(_training.train_classifier, model, init, x, ds.labels, key=key,
+                            steps=config.train_steps, batch_size=config.train_batch)
   variables, stats = _training.cached_training(run.path("trained.msgpack"), model, init, train)
   stats = {**stats, "data": config.train_data, "size": config.train_size, "classes": classes}
   return variables, stats

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import _harness as H
-from experiments import chest_xray, defences, faces, imagenet, leakage_factors, toy_block
+from experiments import chest_xray, defences, faces, imagenet, leakage_factors, tables, toy_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +50,9 @@ def test_toy_block_smallest_run(tmp_path):
   assert os.path.exists(os.path.join(out, "errors.png"))
   cfg = _json(os.path.join(out, "config.json"))
   assert cfg["config"]["seeds"] == 2 and "jax" in cfg["provenance"]
+  assert cfg["provenance"]["command"].startswith("python -m experiments.toy_block --out")
+  md = tables.table(out)
+  assert "| 0.3 | peel | 6/6 |" in md and md.count("\n| ") == 1 + 6  # header + a row per (gain, method)
 
 
 @pytest.mark.parametrize("module", [faces, chest_xray, imagenet], ids=lambda m: m.__name__.split(".")[-1])
@@ -68,6 +71,7 @@ def test_attack_studies_smallest_run(module, tmp_path):
   for name in ("reconstructions.png", "psnr_by_layer.png", "blocks.png"):
     assert os.path.exists(os.path.join(out, name))
   assert {g["method"] for g in summary["groups"]} == set(methods[1].split(","))
+  assert "| peel | layer1 |" in tables.table(out)
 
 
 def test_leakage_factors_smallest_run(tmp_path):
@@ -79,6 +83,7 @@ def test_leakage_factors_smallest_run(tmp_path):
   assert {r["setting"] for r in rows} == {"base", "init=trained"}
   assert summary["training"]["steps"] == 2 and 0 <= summary["training"]["holdout_accuracy"] <= 1
   assert os.path.exists(os.path.join(out, "factors.png"))
+  assert "| init=trained |" in tables.table(out)
   # The trained network was cached: a rerun resumes without training again.
   mtime = os.path.getmtime(os.path.join(out, "trained.msgpack"))
   assert leakage_factors.main(args) == 0
@@ -97,6 +102,7 @@ def test_defences_smallest_run(tmp_path):
   assert by["none"]["agreement"] == 1.0 and by["none"]["feature_distortion"] == 0.0
   assert by["gaussian"]["feature_distortion"] == pytest.approx(0.5, rel=0.2)
   assert os.path.exists(os.path.join(out, "tradeoff.png"))
+  assert "| quantize | 1 | layer1 |" in tables.table(out)
 
 
 def test_a_killed_run_resumes_where_it_stopped(tmp_path):
