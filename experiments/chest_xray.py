@@ -23,7 +23,7 @@ class Config(_attack.AttackConfig):
 
   Default run (2 CPU cores: see experiments/RESULTS.md for its duration)::
 
-      python -m experiments.chest_xray --out experiments/results/chest_xray
+      python -m experiments.chest_xray          # writes experiments/results/chest_xray
 
   Smallest run (the test's)::
 

@@ -38,7 +38,7 @@ class Config:
 
   Default run (2 CPU cores: see experiments/RESULTS.md for its duration)::
 
-      python -m experiments.defences --out experiments/results/defences
+      python -m experiments.defences          # writes experiments/results/defences
 
   Smallest run (the test's)::
 

@@ -21,7 +21,7 @@ class Config(_attack.AttackConfig):
 
   Default run (2 CPU cores: see experiments/RESULTS.md for its duration)::
 
-      python -m experiments.faces --out experiments/results/faces
+      python -m experiments.faces          # writes experiments/results/faces
 
   Smallest run (the test's)::
 

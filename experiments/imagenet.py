@@ -22,7 +22,7 @@ class Config(_attack.AttackConfig):
 
   Default run (2 CPU cores: see experiments/RESULTS.md for its duration)::
 
-      python -m experiments.imagenet --out experiments/results/imagenet
+      python -m experiments.imagenet          # writes experiments/results/imagenet
 
   Smallest run (the test's)::
 

@@ -61,7 +61,7 @@ class Config:
 
   Default run (2 CPU cores: see experiments/RESULTS.md for its duration)::
 
-      python -m experiments.leakage_factors --out experiments/results/leakage_factors
+      python -m experiments.leakage_factors          # writes experiments/results/leakage_factors
 
   Smallest run (the test's)::
 

@@ -38,14 +38,14 @@ class Config:
 
   Default run (2 CPU cores: about 2 minutes)::
 
-      python -m experiments.toy_block --out results/toy_block
+      python -m experiments.toy_block          # writes experiments/results/toy_block
 
   Smallest run (the test's)::
 
       python -m experiments.toy_block --out /tmp/toy --seeds 2 --images 2 --authors-steps 50
   """
 
-  out: str = dataclasses.field(default="results/toy_block", metadata={"help": "output directory"})
+  out: str = dataclasses.field(default="experiments/results/toy_block", metadata={"help": "output directory"})
   data: str = dataclasses.field(default="bundled:digits", metadata={
       "help": "8x8-class images: bundled:digits, another bundled:NAME, or an image folder (resized to --size)"})
   weights: str | None = dataclasses.field(default=None, metadata={
