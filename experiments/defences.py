@@ -55,12 +55,12 @@ class Config:
   size: int = dataclasses.field(default=48, metadata={
       "help": "image side (multiple of 16; 48 keeps every map at least 3x3: 2x2 maps are slow on CPU here)"})
   layers: tuple[str, ...] = dataclasses.field(default=("layer1", "layer2"), metadata={"help": "shared layers"})
-  gaussian: tuple[float, ...] = dataclasses.field(default=(0.01, 0.03, 0.1, 0.3, 1.0), metadata={
+  gaussian: tuple[float, ...] = dataclasses.field(default=(0.03, 0.1, 0.3, 1.0), metadata={
       "help": "noise-to-signal ratios"})
-  quantize: tuple[float, ...] = dataclasses.field(default=(8, 6, 4, 3, 2, 1), metadata={"help": "bits"})
-  dropout: tuple[float, ...] = dataclasses.field(default=(0.1, 0.25, 0.5, 0.75, 0.9), metadata={
+  quantize: tuple[float, ...] = dataclasses.field(default=(8, 4, 3, 2, 1), metadata={"help": "bits"})
+  dropout: tuple[float, ...] = dataclasses.field(default=(0.1, 0.25, 0.5, 0.75), metadata={
       "help": "channel drop probabilities"})
-  images: int = dataclasses.field(default=8, metadata={"help": "held-out images attacked"})
+  images: int = dataclasses.field(default=4, metadata={"help": "held-out images attacked"})
   utility_images: int = dataclasses.field(default=359, metadata={"help": "held-out images for accuracy"})
   max_iters: int = dataclasses.field(default=30, metadata={"help": "PEEL solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "CG iterations per LM step"})
