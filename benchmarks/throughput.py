@@ -269,6 +269,7 @@ def parse_args(argv):
   ap.add_argument("--network-archs", default="resnet18", help="comma-separated architectures of the network rows")
   ap.add_argument("--network-layers", default="layer1", help="comma-separated observed layers of the network rows")
   ap.add_argument("--network-size", type=int, default=96, help="image side of the network rows")
+  ap.add_argument("--network-batch", type=int, default=1, help="images per call of the network rows")
   ap.add_argument("--network-max-iters", type=int, default=None, help="solver iterations per block (network rows)")
   return ap.parse_args(argv)
 
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     for arch in _csv(args.network_archs):
       for layer in _csv(args.network_layers):
         try:
-          network.append(measure_network(size=args.network_size, layer=layer, config=net_config, arch=arch))
+          network.append(measure_network(size=args.network_size, batch=args.network_batch, layer=layer,
+                                         config=net_config, arch=arch))
           print(f"# network: {json.dumps(network[-1])}", flush=True)
         except Exception as e:  # noqa: BLE001 - a report, not a crash: the other rows are still written
           network.append({"network": arch, "layer": layer, "error": f"{type(e).__name__}: {e}"})
