@@ -178,7 +178,8 @@ class NetworkReport:
     estimates: block name -> its recovered input (batched; ``'stem'``: the block-wise image, before any
       refinement), for inspection; not part of :meth:`to_dict`.
     refine: ``None``, or (``refine_iters > 0``) ``{'iterations', 'seconds', 'start', 'blockwise': {...}}`` with the
-      start each image's refinement took (``'blockwise'`` or ``'mahendran_vedaldi'``) and the block-wise pass's ``observation_residual``, ``mse``, ``psnr``, ``ssim`` before the refinement.
+      start each image's refinement took (``'blockwise'`` or ``'mahendran_vedaldi'``) and the block-wise pass's
+      ``observation_residual``, ``mse``, ``psnr``, ``ssim`` before the refinement.
   """
 
   layer: str
