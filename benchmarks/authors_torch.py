@@ -24,8 +24,8 @@ and then the timed solve (``torch.manual_seed(0)``); for the JAX port, a warm-up
 and then the timed call with ``key(0)``; for ours, a warm-up call and then the timed call. ``torch.set_num_threads``
 is left at its default unless ``--torch-threads`` sets it (both recorded); when it is set, every problem also times
 ``--probe-steps`` steps of the torch loop at the default thread count, because on a loaded machine (other processes
-on every core) OpenMP's barriers made the default thread count tens of times slower per step than one thread. The warm-up solves of both implementations of the authors' method are kept as a
-second random start each, so the two can be compared in distribution (they share the formulation but not the random
+on every core) OpenMP's barriers made the default thread count tens of times slower per step than one thread. The
+warm-up solves of both implementations of the authors' method are kept as a second random start each, so the two can be compared in distribution (they share the formulation but not the random
 starts, so they never agree bitwise). On the problems up to ``--same-start-max-size`` the torch loop is also run once
 (untimed) from the JAX port's own ``key(0)`` start, which separates formulation differences from start differences.
 
