@@ -328,7 +328,8 @@ def _demo(args) -> int:
     n_obs, n_pix = int(np.prod(feats[layer].shape[1:])), int(np.prod(x.shape[1:]))
     print(f"{layer}: block-wise PSNR {float(blockwise['psnr'][0]):.2f} dB, refined (from the "
           f"{report.refine['start'][0]} estimate) PSNR {float(report.psnr[0]):.2f} dB, "
-          f"SSIM {float(report.ssim[0]):.3f}, {report.seconds:.1f} s ({n_obs} observed values for {n_pix} pixel values{'' if n_obs >= n_pix else ': underdetermined'})", flush=True)
+          f"SSIM {float(report.ssim[0]):.3f}, {report.seconds:.1f} s ({n_obs} observed values for {n_pix} pixel "
+          f"values{'' if n_obs >= n_pix else ': underdetermined'})", flush=True)
   seconds = time.perf_counter() - t_all
   metrics = {
       "description": explanation, "arch": "resnet18", "variant": "paper", "branch_gain": DEMO_GAIN,
