@@ -82,13 +82,13 @@ class Config:
   images: int = dataclasses.field(default=1, metadata={"help": "images attacked"})
   layers: tuple[str, ...] = dataclasses.field(default=("layer1", "layer2", "layer3", "layer4"), metadata={
       "help": "observed layers"})
-  max_iters: int = dataclasses.field(default=20, metadata={"help": "solver iterations per block"})
+  max_iters: int = dataclasses.field(default=15, metadata={"help": "solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "CG iterations per LM step"})
   train_data: str = dataclasses.field(default="bundled:digits", metadata={"help": "data of the training run"})
   train_size: int = dataclasses.field(default=96, metadata={
       "help": "image side of the training run (96: the ImageNet stem then keeps every map at least 3x3; smaller "
               "sizes reach 2x2 and 1x1 maps, which are pathologically slow on CPU here)"})
-  train_steps: int = dataclasses.field(default=150, metadata={"help": "Adam steps of the training run"})
+  train_steps: int = dataclasses.field(default=100, metadata={"help": "Adam steps of the training run"})
   train_batch: int = dataclasses.field(default=16, metadata={"help": "images per Adam step of the training run"})
   seed: int = dataclasses.field(default=0, metadata={"help": "seed of inits, training and solvers"})
 
