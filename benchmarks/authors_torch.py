@@ -25,8 +25,9 @@ and then the timed call with ``key(0)``; for ours, a warm-up call and then the t
 is left at its default unless ``--torch-threads`` sets it (both recorded); when it is set, every problem also times
 ``--probe-steps`` steps of the torch loop at the default thread count, because on a loaded machine (other processes
 on every core) OpenMP's barriers made the default thread count tens of times slower per step than one thread. The
-warm-up solves of both implementations of the authors' method are kept as a second random start each, so the two can be compared in distribution (they share the formulation but not the random
-starts, so they never agree bitwise). On the problems up to ``--same-start-max-size`` the torch loop is also run once
+warm-up solves of both implementations of the authors' method are kept as a second random start each, so the two
+can be compared in distribution (they share the formulation but not the random starts, so they never agree
+bitwise). On the problems up to ``--same-start-max-size`` the torch loop is also run once
 (untimed) from the JAX port's own ``key(0)`` start, which separates formulation differences from start differences.
 
 Metrics, all computed with the torch block in float64 from the float32 estimates: relative input error
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import peel_jax
+from benchmarks import block_solver
 from peel_jax import zoo
 from peel_jax.baselines import authors as _authors
 from peel_jax.baselines import authors_penalty
@@ -323,22 +325,11 @@ def _versions() -> dict:
           "peel_jax": peel_jax.__version__}
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def metadata(argv: list[str], steps: int, quick: bool) -> dict:
   return {
       "command": "python -m benchmarks.authors_torch" + "".join(f" {a}" for a in argv),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+      "cpu_model": block_solver.cpu_model(), "cpu_count": os.cpu_count(),
       "load_average_start": list(os.getloadavg()),
       "versions": _versions(),
       "threads": {"torch_num_threads": torch.get_num_threads(),

@@ -91,7 +91,8 @@ QUICK = Plan(
 )
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -283,7 +284,7 @@ def metadata(argv: list[str], plan: Plan) -> dict:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "devices": [str(d) for d in jax.devices()],
       "backend": jax.default_backend(),
-      "cpu_model": _cpu_model(),
+      "cpu_model": cpu_model(),
       "cpu_count": os.cpu_count(),
       "load_average_start": list(os.getloadavg()),
       "versions": _versions(),

@@ -21,19 +21,9 @@ from experiments import _harness as H
 
 def zero_init_residual(variables: dict) -> dict:
   """Zeroes the last BatchNorm scale (or, without BatchNorm, the last conv kernel and bias) of every branch."""
-  params = dict(variables["params"])
-  for name, blk in params.items():
-    if not name.startswith("layer"):
-      continue
-    blk = dict(blk)
-    convs = sorted(k for k in blk if k.startswith("conv"))
-    bn = "bn" + convs[-1][len("conv"):]
-    if bn in blk:
-      blk[bn] = {**blk[bn], "scale": jax.numpy.zeros_like(blk[bn]["scale"])}
-    else:
-      blk[convs[-1]] = jax.tree.map(jax.numpy.zeros_like, dict(blk[convs[-1]]))
-    params[name] = blk
-  return {**variables, "params": params}
+  from peel_jax.cli import scale_branches
+
+  return scale_branches(variables, 0.0, bn_bias=False)
 
 
 def train_classifier(model, variables, images: np.ndarray, labels: np.ndarray, *, key, steps: int = 300,

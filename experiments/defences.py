@@ -169,25 +169,22 @@ def run(config: Config, run: H.Run) -> dict:
   units = [(k, s, l) for k, s in config.settings() for l in config.layers]
   ids = [unit_id(*u) for u in units]
   todo = set(run.mine(ids))
-  mesh = H.batch_mesh()
+  # Undefended features, computed once: of the held-out images for utility, of the attacked ones for leakage.
   x_util = jnp.asarray(x_all[util])
-  clean_util = {}
+  h_util = peel_jax.features(model, variables, x_util, config.layers)
+  clean_pred = {l: np.argmax(np.asarray(forward_from(model, variables, h_util[l], l)), -1) for l in config.layers}
+  x, n = H.shard_batch(x_all[attacked], H.batch_mesh())
+  feats = peel_jax.features(model, variables, x)
   for (kind, strength, layer), uid in H.progress(zip(units, ids), len(units), "defences"):
     if uid not in todo:
       continue
     key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(uid.encode()) % (2**31))
     # Utility: the server's forward pass from defended features, on the held-out images.
-    if layer not in clean_util:
-      clean_util[layer] = np.argmax(np.asarray(forward_from(
-          model, variables, peel_jax.features(model, variables, x_util, layer)[layer], layer)), -1)
-    h_util = peel_jax.features(model, variables, x_util, layer)[layer]
-    pred = np.argmax(np.asarray(forward_from(model, variables,
-                                             defences.apply_defence(kind, strength, h_util, key), layer)), -1)
+    pred = np.argmax(np.asarray(forward_from(
+        model, variables, defences.apply_defence(kind, strength, h_util[layer], key), layer)), -1)
     accuracy = float(np.mean(pred == ds.labels[util]))
-    agreement = float(np.mean(pred == clean_util[layer]))
+    agreement = float(np.mean(pred == clean_pred[layer]))
     # Leakage: PEEL on the defended features of the attacked images.
-    x, n = H.shard_batch(x_all[attacked], mesh)
-    feats = peel_jax.features(model, variables, x)
     observed = defences.apply_defence(kind, strength, feats[layer], jax.random.fold_in(key, 1))
     if ends_in_relu:
       observed = jnp.maximum(observed, 0.0)

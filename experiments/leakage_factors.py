@@ -187,16 +187,15 @@ def run(config: Config, run: H.Run) -> dict:
     trained, train_stats = trained_variables(config, run)
   x_all = _images.normalize(ds.images)
   solver = SolverConfig(max_iters=config.max_iters, cg_iters=config.cg_iters)
-  mesh = H.batch_mesh()
+  x, n = H.shard_batch(x_all, H.batch_mesh())
   built = {}
   for (setting, layer), uid in H.progress(zip(units, ids), len(units), "leakage_factors"):
     if uid not in todo:
       continue
-    if setting not in built:
-      built = {setting: build(config, setting, trained)}
-    model, variables = built[setting]
-    x, n = H.shard_batch(x_all, mesh)
-    feats = peel_jax.features(model, variables, x)
+    if setting not in built:  # the network of one setting and its features, kept for that setting's layers
+      model, variables = build(config, setting, trained)
+      built = {setting: (model, variables, peel_jax.features(model, variables, x))}
+    model, variables, feats = built[setting]
     t0 = time.perf_counter()
     x_hat, report = peel_jax.invert_network(model, variables, feats[layer], layer, key=jax.random.key(config.seed),
                                             config=solver, true_features=feats, image=x)

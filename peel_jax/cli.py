@@ -145,11 +145,12 @@ def _variant_options(variant: str) -> dict:
   return models.paper_variant() if variant == "paper" else {}
 
 
-def scale_branches(variables: dict, gain: float) -> dict:
+def scale_branches(variables: dict, gain: float, *, bn_bias: bool = True) -> dict:
   """Scales the last convolution (kernel and bias) of every residual branch by ``gain`` (Flax variables).
 
   With BatchNorm the scale goes on the last BatchNorm's ``scale`` and ``bias`` instead (the folded affine map is
-  then scaled by ``gain``).
+  then scaled by ``gain``); ``bn_bias=False`` leaves that bias alone (``gain=0`` is then torchvision's
+  ``zero_init_residual``).
   """
   if gain == 1.0:
     return variables
@@ -164,7 +165,10 @@ def scale_branches(variables: dict, gain: float) -> dict:
     last = convs[-1]
     bn = "bn" + last[len("conv"):]
     target = bn if bn in blk else last
-    blk[target] = jax.tree.map(lambda a: gain * a, dict(blk[target]))
+    if target == bn and not bn_bias:
+      blk[target] = {**blk[target], "scale": gain * blk[target]["scale"]}
+    else:
+      blk[target] = jax.tree.map(lambda a: gain * a, dict(blk[target]))
     params[name] = blk
   return {**variables, "params": params}
 
