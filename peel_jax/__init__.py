@@ -6,6 +6,7 @@ Leakage for Residual Neural Networks", IEEE SaTML 2025, arXiv 2504.06410.
 
 from peel_jax import blocks, models, port
 from peel_jax._certify import Certificate, certify_block
+from peel_jax._certify_network import NetworkCertificate, certify_network
 from peel_jax._features import feature_names, features
 from peel_jax._invert_block import invert_block
 from peel_jax._invert_network import invert_network
@@ -15,5 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "blocks", "models", "port", "features", "feature_names", "invert_block", "invert_network", "certify_block",
-    "Certificate", "SolverConfig", "InversionInfo", "relative_error", "relative_residual",
+    "Certificate", "certify_network", "NetworkCertificate", "SolverConfig", "InversionInfo", "relative_error",
+    "relative_residual",
 ]
