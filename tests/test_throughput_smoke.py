@@ -40,6 +40,44 @@ def test_quick_throughput_writes_finite_rows(tmp_path, capsys):
   assert data["network"] == []
 
 
+def test_quick_throughput_gains_precision_peaks_and_network_rows(tmp_path):
+  import jax
+
+  import peel_jax
+  from benchmarks import throughput
+
+  out = tmp_path / "t.json"
+  argv = ["--quick", "--kinds", "paper", "--batches", "1", "--inners", "lm", "--gains", "0.3", "--precision",
+          "highest", "--repeats", "1", "--min-time", "0", "--network", "--network-layers", "layer1.0",
+          "--network-size", "32", "--network-max-iters", "2", "--network-cg-iters", "2", "--network-repeats", "0",
+          "--network-jit", "--out", str(out)]
+  try:
+    throughput.main(argv)
+  finally:
+    jax.config.update("jax_default_matmul_precision", None)  # a process-wide setting: leave the others theirs
+  data = json.loads(out.read_text())
+  meta = data["meta"]
+  assert meta["matmul_precision"] == "highest"
+  for key in ("matmul_highest_gflops", "matmul_default_gflops", "conv_highest_gflops", "conv_default_gflops"):
+    assert meta["peaks"][key] > 0, key
+  assert meta["peaks"]["fp32_gflops"] == max(meta["peaks"]["matmul_highest_gflops"],
+                                             meta["peaks"]["conv_highest_gflops"])
+  (row,) = data["rows"]
+  assert row["branch_gain"] == 0.3 and math.isfinite(row["pct_of_fp32_peak"]) and math.isfinite(row["residual_worst"])
+  assert row["device_peak_bytes"] is None or row["device_peak_bytes"] > 0  # None (n/a) on CPU
+  loop, jitted = data["network"]
+  assert loop["driver"] == "loop" and not loop["jit"] and loop["steady_s"] is None  # --network-repeats 0
+  assert loop["images_per_s_from"] == "first call" and loop["model_gflop"] > 0 and loop["achieved_gflops"] > 0
+  assert loop["blocks"] == 1 and math.isfinite(loop["psnr_median"])
+  if hasattr(peel_jax, "NetworkConfig"):  # the one-program backward pass (issue 9)
+    assert jitted["jit"] and jitted["driver"] == "scan" and jitted["compile_s"] > 0, jitted
+    assert math.isfinite(jitted["psnr_median"]) and jitted["xla_flops_once"] > 0
+  else:
+    assert "skipped" in jitted
+  assert "| resnet18" in throughput.network_markdown_table(data["network"])
+  assert "| paper | 16 | 1 | 0.3 |" in throughput.markdown_table(data["rows"])
+
+
 def test_flop_model_counts_convs_and_lm_evaluations():
   from benchmarks import throughput
   from peel_jax import SolverConfig
