@@ -158,7 +158,7 @@ def authors_torch(tblock: TorchPaperBlock, y: torch.Tensor, *, steps: int = STEP
 
 def jax_start(block, y, key) -> tuple:
   """The JAX port's own start for ``authors_penalty(block, y, key=key)`` (batch 1), as NCHW torch tensors."""
-  v, _ = _authors._start(block, y, jax.random.split(key, y.shape[0]), INIT_SCALE, lr=LR)
+  v = _authors.start(block, y, jax.random.split(key, y.shape[0]), INIT_SCALE)
   return to_nchw(v["x"]), to_nchw(v["p"][0]), to_nchw(v["n"][0])
 
 

@@ -13,7 +13,7 @@ layer, and the method rebuilds the images from the output alone. Methods:
 * ``authors``: the same backward pass with the PEEL authors' own at-scale block solver
   (:func:`peel_jax.baselines.authors_penalty`: fixed quadratic penalty 1e2, Adam lr 0.01, ``authors_steps`` steps,
   ``p, n`` clamped at zero, start ``1e-3 N(0, I)``) in place of ours; a pooled stem is inverted by
-  :func:`peel_jax._invert_network.invert_stem` for both.
+  :func:`peel_jax.problems.stem.invert_stem` for both.
 * ``mahendran_vedaldi``: Mahendran & Vedaldi (CVPR 2015), gradient inversion of the whole prefix with total
   variation and alpha-norm priors (:func:`peel_jax.baselines.mahendran_vedaldi`).
 
@@ -149,8 +149,8 @@ def _invert(method: str, config: AttackConfig, model, variables, observed, layer
     kw["refine_iters"] = config.refine_iters
   if method == "peel_hybrid":
     kw["refine_start"] = "best"
-  x_hat, report = peel_jax.invert_network(model, variables, observed, layer, key=key, config=solver, image=image,
-                                          **kw)
+  net = peel_jax.NetworkConfig(block=solver, **kw)
+  x_hat, report = peel_jax.invert_network(model, variables, observed, layer, key=key, config=net, image=image)
   return x_hat, report, np.asarray(report.observation_residual)
 
 
@@ -165,7 +165,7 @@ def run(config: AttackConfig, run: H.Run, study: str) -> dict:
 
   ds = load_data(config)
   model, variables = build_target(config)
-  valid = peel_jax._invert_network.invertible_layers(model)
+  valid = peel_jax.inversion.invertible_layers(model)
   bad = [l for l in config.layers if l not in valid]
   if bad:
     raise H.BadConfig(f"unknown layer(s) {bad}; valid layers: {', '.join(valid)}")

@@ -154,7 +154,7 @@ def run(config: Config, run: H.Run) -> dict:
     raise H.BadConfig(f"cannot load --data {config.data!r}: {e}") from None
   split = split_indices(len(ds.images), config.seed)
   model, variables, evaluator, eval_vars, train_stats = networks(config, run, ds, split)
-  valid = peel_jax._invert_network.invertible_layers(model)
+  valid = peel_jax.inversion.invertible_layers(model)
   bad = [l for l in config.layers if l not in valid or l in ("relu",)]
   if bad:
     raise H.BadConfig(f"unknown layer(s) {bad}; valid layers: {', '.join(v for v in valid if v != 'relu')}")
@@ -189,8 +189,8 @@ def run(config: Config, run: H.Run) -> dict:
     if ends_in_relu:
       observed = jnp.maximum(observed, 0.0)
     t0 = time.perf_counter()
-    x_hat, report = peel_jax.invert_network(model, variables, observed, layer, key=key, config=solver,
-                                            true_features=feats, image=x)
+    x_hat, report = peel_jax.invert_network(model, variables, observed, layer, key=key,
+                                            config=peel_jax.NetworkConfig(block=solver), true_features=feats, image=x)
     seconds = (time.perf_counter() - t0) / n
     x_hat = np.asarray(x_hat)[:n]
     rf, _ = metrics.evaluation_embeddings(evaluator, eval_vars, jnp.asarray(x_hat))

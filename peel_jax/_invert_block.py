@@ -11,7 +11,7 @@ import numpy as np
 from peel_jax.blocks import KINDS, Block
 from peel_jax.solver import info as _info
 from peel_jax.solver.config import SolverConfig
-from peel_jax.solver.core import solve_batch
+from peel_jax.problems.block import solve_batch
 
 
 def _is_concrete(a) -> bool:

@@ -245,7 +245,7 @@ def _invert(args) -> int:
   if args.refine < 0:
     raise BadInput(f"--refine must be >= 0, got {args.refine}")
   from peel_jax import images, models
-  from peel_jax._invert_network import invertible_layers
+  from peel_jax.inversion.plan import invertible_layers
 
   try:
     probe = models.get_model(args.arch, **_variant_options(args.variant))
@@ -275,10 +275,11 @@ def _invert(args) -> int:
   x = jnp.asarray(images.normalize(img))[None]
   feats = peel_jax.features(model, variables, x)
   t0 = time.perf_counter()
+  net = peel_jax.NetworkConfig(block=config, driver=args.driver, certify=args.certify, refine_iters=args.refine,
+                               refine_start=args.refine_start)
   x_hat, report = peel_jax.invert_network(
-      model, variables, feats[args.layer], args.layer, key=jax.random.key(args.seed), config=config,
-      true_features=feats, image=x, driver=args.driver, progress=sys.stderr.isatty(), certify=args.certify,
-      refine_iters=args.refine, refine_start=args.refine_start)
+      model, variables, feats[args.layer], args.layer, config=net, key=jax.random.key(args.seed),
+      true_features=feats, image=x, progress=sys.stderr.isatty())
   seconds = time.perf_counter() - t0
   recovered = images.denormalize(x_hat[0])
   metrics = report.to_dict()
@@ -320,13 +321,14 @@ def _demo(args) -> int:
   x = jnp.asarray(images.normalize(img))[None]
   variables = scale_branches(model.init(jax.random.key(DEMO_SEED), x), DEMO_GAIN)
   feats = peel_jax.features(model, variables, x)
-  config = SolverConfig(max_iters=DEMO_MAX_ITERS, cg_iters=DEMO_CG_ITERS)
+  config = peel_jax.NetworkConfig(block=SolverConfig(max_iters=DEMO_MAX_ITERS, cg_iters=DEMO_CG_ITERS),
+                                  refine_iters=DEMO_REFINE, refine_start=DEMO_REFINE_START)
   t_all = time.perf_counter()
   runs = {}
   for layer in DEMO_LAYERS:
     x_hat, report = peel_jax.invert_network(
         model, variables, feats[layer], layer, key=jax.random.key(DEMO_SEED), config=config, true_features=feats,
-        image=x, progress=sys.stderr.isatty(), refine_iters=DEMO_REFINE, refine_start=DEMO_REFINE_START)
+        image=x, progress=sys.stderr.isatty())
     runs[layer] = (images.denormalize(report.estimates["stem"][0]), images.denormalize(x_hat[0]), report)
     blockwise = report.refine["blockwise"]
     n_obs, n_pix = int(np.prod(feats[layer].shape[1:])), int(np.prod(x.shape[1:]))

@@ -11,7 +11,8 @@ import pytest
 from peel_jax import SolverConfig, certify_block, invert_block, relative_error, relative_residual, zoo
 from peel_jax.baselines import authors_penalty
 from peel_jax.blocks import Block, BlockSpec
-from peel_jax.solver import core
+from peel_jax.problems import block as block_problem
+from peel_jax.solver import engine
 
 
 def _problem(kind, gain, channels=16, size=16, n=4, seed=0):
@@ -95,10 +96,10 @@ def test_unbatched_observation_gives_unbatched_result():
 def test_one_compilation_per_shape():
   p = _problem("paper", 0.3, n=2)
   invert_block(p.block, p.y)
-  before = core.iterate_batch._cache_size()
+  before = engine.iterate_batch._cache_size()
   for scale in (1.1, 0.9):
     invert_block(p.block, p.y * scale)
-  assert core.iterate_batch._cache_size() == before
+  assert engine.iterate_batch._cache_size() == before
 
   cfg = SolverConfig(driver="while_loop", max_iters=5)
 
@@ -166,9 +167,9 @@ def paper_block():
 
 
 def _no_compile(fn):
-  before = core.init_batch._cache_size()
+  before = block_problem._init_jit._cache_size()
   fn()
-  assert core.init_batch._cache_size() == before
+  assert block_problem._init_jit._cache_size() == before
 
 
 def test_error_wrong_channels(paper_block):

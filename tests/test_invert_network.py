@@ -12,7 +12,9 @@ import pytest
 import peel_jax
 from peel_jax import blocks, images, metrics, models
 from peel_jax._certify import STATUSES
-from peel_jax._invert_network import invertible_layers, pool_upper_bound
+from peel_jax import NetworkConfig
+from peel_jax.inversion.plan import invertible_layers
+from peel_jax.problems.stem import pool_upper_bound
 from peel_jax.cli import scale_branches
 
 SIZE = 96
@@ -50,8 +52,8 @@ def test_scale_branches_scales_the_last_conv_only(photo96):
 def test_small_branch_paper_network_from_layer1_recovers_the_photo(photo96, small_branches):
   model, v = small_branches
   feats = peel_jax.features(model, v, photo96)
-  x_hat, report = peel_jax.invert_network(model, v, feats["layer1"], "layer1", image=photo96, config=FAST,
-                                          certify=True)
+  x_hat, report = peel_jax.invert_network(model, v, feats["layer1"], "layer1", image=photo96,
+                                          config=NetworkConfig(block=FAST, certify=True))
   assert x_hat.shape == photo96.shape
   assert [b.name for b in report.blocks] == ["layer1.1", "layer1.0", "stem"]
   assert report.psnr[0] >= 30.0, report.summary()
@@ -73,8 +75,8 @@ def test_small_branch_paper_network_from_layer1_recovers_the_photo(photo96, smal
 def test_he_scale_reports_psnr_and_determinacy(photo96):
   model, v = _paper_net(photo96, 1.0)
   feats = peel_jax.features(model, v, photo96)
-  _, report = peel_jax.invert_network(model, v, feats["layer1"], "layer1", image=photo96, config=FAST,
-                                      certify=True)
+  _, report = peel_jax.invert_network(model, v, feats["layer1"], "layer1", image=photo96,
+                                      config=NetworkConfig(block=FAST, certify=True))
   assert np.isfinite(report.psnr).all() and np.isfinite(report.ssim).all()
   for b in report.blocks[:2]:
     assert b.certificate is not None
@@ -91,7 +93,7 @@ def test_torchvision_network_report_matches_an_independent_recomputation(photo96
   v = model.init(jax.random.key(1), photo96)
   feats = peel_jax.features(model, v, photo96)
   y = feats["layer1"]
-  x_hat, report = peel_jax.invert_network(model, v, y, "layer1", image=photo96, config=FAST)
+  x_hat, report = peel_jax.invert_network(model, v, y, "layer1", image=photo96, config=NetworkConfig(block=FAST))
   assert bool(jnp.all(jnp.isfinite(x_hat)))
   assert report.stem_method == "bounded"
   est = report.estimates
@@ -130,7 +132,8 @@ def test_scan_and_loop_drivers_agree():
   v = scale_branches(model.init(jax.random.key(2), x), 0.3)
   y = peel_jax.features(model, v, x, "layer1")["layer1"]
   cfg = peel_jax.SolverConfig(max_iters=4, cg_iters=5)
-  outs = {d: peel_jax.invert_network(model, v, y, "layer1", image=x, config=cfg, driver=d) for d in ("loop", "scan")}
+  outs = {d: peel_jax.invert_network(model, v, y, "layer1", image=x, config=NetworkConfig(block=cfg, driver=d))
+          for d in ("loop", "scan")}
   (xl, rl), (xs, rs) = outs["loop"], outs["scan"]
   assert [b.name for b in rl.blocks] == [b.name for b in rs.blocks] == ["layer1.2", "layer1.1", "layer1.0", "stem"]
   for name in ("layer1.2", "layer1.1", "layer1.0"):
@@ -146,7 +149,7 @@ def test_unknown_layer_and_driver_are_refused(photo96, small_branches):
   with pytest.raises(KeyError, match="valid layers"):
     peel_jax.invert_network(model, v, jnp.zeros((1, 48, 48, 64)), "layer9")
   with pytest.raises(ValueError, match="driver"):
-    peel_jax.invert_network(model, v, jnp.zeros((1, 48, 48, 64)), "layer1", driver="fast")
+    peel_jax.invert_network(model, v, jnp.zeros((1, 48, 48, 64)), "layer1", config=NetworkConfig(driver="fast"))
   assert invertible_layers(model)[:4] == ["relu", "maxpool", "layer1", "layer1.0"]
 
 
@@ -205,8 +208,8 @@ def test_refinement_from_the_better_start_never_explains_the_observation_worse()
   x = jnp.asarray(images.normalize(np.stack([images.bundled(n, 32) for n in ("astronaut", "chelsea")])))
   model, v = _paper_net(x, 0.3)
   feats = peel_jax.features(model, v, x)
-  _, report = peel_jax.invert_network(model, v, feats["layer2"], "layer2", image=x, config=FAST, refine_iters=3,
-                                      refine_start="best")
+  _, report = peel_jax.invert_network(model, v, feats["layer2"], "layer2", image=x,
+                                      config=NetworkConfig(block=FAST, refine_iters=3, refine_start="best"))
   blockwise = report.refine["blockwise"]
   assert set(report.refine["start"]) <= {"blockwise", "mahendran_vedaldi"}
   assert np.all(report.observation_residual <= blockwise["observation_residual"] * (1 + 1e-6))
@@ -215,4 +218,5 @@ def test_refinement_from_the_better_start_never_explains_the_observation_worse()
   assert np.all(report.psnr > blockwise["psnr"] + 5.0), (report.psnr, blockwise["psnr"])
   assert report.to_dict()["refine"]["start"] == ["mahendran_vedaldi"] * 2
   with pytest.raises(ValueError, match="refine_start"):
-    peel_jax.invert_network(model, v, feats["layer2"], "layer2", refine_iters=1, refine_start="magic")
+    peel_jax.invert_network(model, v, feats["layer2"], "layer2",
+                            config=NetworkConfig(refine_iters=1, refine_start="magic"))

@@ -9,15 +9,16 @@ As described in arXiv 2504.06410 (Sec. 5) for real ResNets: the lifted problem o
 variable initialised at ``1e-3 * N(0, I)``, one image at a time (here ``vmap``-ed: each image has its own Adam state,
 so batching changes no image's result).
 
-Two drivers run the identical steps: ``'python'`` (default) calls a jitted chunk of ``chunk`` unrolled steps from
-Python, as the authors' PyTorch loop did; ``'fori_loop'`` runs all steps in one ``lax.fori_loop``. On this CPU a
-convolution inside an XLA loop body measured about 3x slower (``benchmarks.loop_overhead``), so timing the ``fori_loop`` driver would flatter
-our solver.
+The steps run on the solver engine (:mod:`peel_jax.solver.engine`: its per-image state, masks, budget and drivers)
+with this update rule (:data:`ADAM_PENALTY`). Two drivers run the identical steps: ``'python'`` (default) calls a
+jitted chunk of ``chunk`` unrolled steps from Python, as the authors' PyTorch loop did; ``'fori_loop'`` runs all
+steps in the engine's ``lax.while_loop``. On this CPU a convolution inside an XLA loop body measured about 3x slower
+(``benchmarks.loop_overhead``), so timing the loop driver would flatter our solver.
 """
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,8 @@ import optax
 
 from peel_jax.blocks import Block
 from peel_jax.solver import info as _info
-from peel_jax.solver import lifted
+from peel_jax.solver import engine, lifted
+from peel_jax.solver.config import SolverConfig
 
 
 def _loss(block, v, y, penalty):
@@ -42,32 +44,52 @@ def _init_one(block, y, key, init_scale):
   return tree.unflatten([init_scale * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
 
 
-def _adam_step(block, y, penalty, lr, v, state):
-  g = jax.grad(_loss, argnums=1)(block, v, y, penalty)
-  upd, state = optax.adam(lr).update(g, state, v)
+def start(block: Block, y, keys, init_scale: float):
+  """Every image's lifted start ``{'x', 'p', 'n'}``, each ``init_scale * N(0, I)`` (image ``i`` from ``keys[i]``)."""
+  return jax.vmap(lambda yy, kk: _init_one(block, yy, kk, init_scale))(y, keys)
+
+
+class _Data(NamedTuple):
+  y: jax.Array  # one image's observation
+
+
+class _Shared(NamedTuple):
+  block: Block
+  penalty: jax.Array
+
+
+def _residual(v, d: _Data, sh: _Shared):
+  """The penalty objective as a least-squares vector: ``||R||^2`` is :func:`_loss`."""
+  ev = lifted.evaluate(sh.block, v)
+  sp = jnp.sqrt(sh.penalty)
+  return {"fit": ev.out - d.y, "eq": tuple(sp * e for e in ev.eq), "comp": tuple(sp * c for c in ev.comp)}
+
+
+def _bounds(v, d, sh):
+  lower = {"x": jnp.full_like(v["x"], -jnp.inf), "p": tuple(jnp.zeros_like(a) for a in v["p"]),
+           "n": tuple(jnp.zeros_like(a) for a in v["n"])}
+  upper = jax.tree.map(lambda a: jnp.full_like(a, jnp.inf), v)
+  return lower, upper
+
+
+# No merit: the authors run a fixed number of steps and keep the last iterate.
+PROBLEM = engine.Problem(residual=_residual, bounds=_bounds, merit=None)
+
+
+def _init(problem, config, v, data, shared, lam, mu, rho):
+  return optax.adam(config.learning_rate).init(v)
+
+
+def _step(problem, config, v, state, d: _Data, sh: _Shared, lam, mu, rho, k):
+  """One Adam step on :func:`_loss`, then ``p`` and ``n`` clamped at zero (the projection on the bounds)."""
+  g = jax.grad(_loss, argnums=1)(sh.block, v, d.y, sh.penalty)
+  upd, state = optax.adam(config.learning_rate).update(g, state, v)
   v = optax.apply_updates(v, upd)
   v = {"x": v["x"], "p": tuple(jax.nn.relu(p) for p in v["p"]), "n": tuple(jax.nn.relu(n) for n in v["n"])}
   return v, state
 
 
-@functools.partial(jax.jit, static_argnames=("lr",))
-def _start(block, y, keys, init_scale, lr: float):
-  v = jax.vmap(lambda yy, kk: _init_one(block, yy, kk, init_scale))(y, keys)
-  return v, jax.vmap(optax.adam(lr).init)(v)
-
-
-@functools.partial(jax.jit, static_argnames=("steps", "lr", "unroll"))
-def _run(block, y, v, state, penalty, steps: int, lr: float, unroll: bool):
-  """``steps`` Adam steps for every image (vmapped): unrolled, or in one ``fori_loop``."""
-
-  def one(yy, vv, ss):
-    if unroll:
-      for _ in range(steps):
-        vv, ss = _adam_step(block, yy, penalty, lr, vv, ss)
-      return vv, ss
-    return jax.lax.fori_loop(0, steps, lambda _, c: _adam_step(block, yy, penalty, lr, *c), (vv, ss))
-
-  return jax.vmap(one)(y, v, state)
+ADAM_PENALTY = engine.Method(_init, _step)
 
 
 @jax.jit
@@ -111,14 +133,10 @@ def authors_penalty(
     raise ValueError(f"y must be a batch (N, H, W, C), got shape {y.shape}")
   if driver not in ("python", "fori_loop"):
     raise ValueError(f"unknown driver {driver!r}; expected 'python' or 'fori_loop'")
-  v, state = _start(block, y, jax.random.split(key, y.shape[0]), init_scale, lr=lr)
-  penalty = jnp.asarray(penalty, y.dtype)
-  if driver == "fori_loop":
-    v, state = _run(block, y, v, state, penalty, steps=steps, lr=lr, unroll=False)
-  else:
-    done = 0
-    while done < steps:
-      k = min(chunk, steps - done)
-      v, state = _run(block, y, v, state, penalty, steps=k, lr=lr, unroll=True)
-      done += k
+  v = start(block, y, jax.random.split(key, y.shape[0]), init_scale)
+  if steps:
+    config = SolverConfig(tol=0.0, learning_rate=lr, steps_per_call=chunk,
+                          driver="python" if driver == "python" else "while_loop")
+    v = engine.solve(PROBLEM, config, v, _Data(y), _Shared(block, jnp.asarray(penalty, y.dtype)),
+                     method=ADAM_PENALTY, budget=steps).u
   return v["x"], _diagnostics(block, y, v, steps, tol)

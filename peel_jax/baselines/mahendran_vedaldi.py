@@ -45,33 +45,12 @@ box is enforced by projection (clipping) after every step, the exact form of the
 constraint. The start is ``init_scale * N(0, I)`` (about the ImageNet mean colour; image ``i`` draws from
 ``fold_in(key, i)``), clipped to the box.
 
-Defaults, measured (``learning_rate=0.5``, ``lambda_alpha = lambda_tv = 1e-3``, 400 steps). 2-core CPU,
-paper-variant resnet18, random init with every branch's last conv scaled by 0.3 (``peel_jax.cli.scale_branches``),
-the 96x96 astronaut, PSNR against it and the final observation residual:
-
-  ========  ========  ========  ========  ========  ========
-  layer     maxpool   layer1    layer2    layer3    layer4
-  PSNR dB   40.3      38.8      31.3      25.1      17.3
-  residual  2.2e-2    2.3e-2    2.6e-2    2.7e-2    3.3e-2
-  seconds   4.6       10.5      24.8      37.2      33.5
-  ========  ========  ========  ========  ========  ========
-
-Alternatives measured in the same setting (momentum ``learning_rate`` 0.3 or 0.5; PSNR dB at layer1 / layer2 /
-layer3 / layer4; - not measured):
-``lambda_tv``: 0 (and ``lambda_alpha`` 0) - / 34.3 / 9.6 / -; 3e-4: - / - / 17.9 / 11.7; 3e-3: - / - / 23.7 /
-19.5; 1e-2: - / 24.8 / 21.7 / - (deeper layers want more smoothing, as the authors found: they used ``lambdaTV``
-1, 10, 100 by depth). ``lambda_alpha`` 0.1: - / - / 21.3 / 16.0 (the box already bounds the pixels; the alpha
-prior mainly pulls them towards the mean colour). Momentum ``learning_rate`` 0.03 / 0.3 / 1 / 3 at layer3: 19.1 /
-25.2 / 25.5 / 22.5. Adam (same priors) at ``learning_rate`` 0.05: 37.6 / 19.8 / 12.3 / -; 0.1: 38.8 / 27.7 / 14.2
-/ -; 0.3: - / 31.4 / 21.8 / -.
-
-Every image is independent: the objective is a sum of per-image terms, the optimiser and the projection are
-elementwise, and each start has its own key, so a batch gives each image what it would get alone, up to float32
-rounding of the batched convolutions (measured: 5e-7 after 10 steps; the ill-conditioned descent amplifies it to
-1.6e-3 in normalised units, 0.1 of a grey level, after 40, with the residual equal to 5e-6 relative). The step
-loop is driven from Python over jitted chunks of ``chunk`` unrolled steps (as :mod:`peel_jax.baselines.authors`: on
-CPU a convolution inside an XLA loop body measured about 3x slower); the schedule and every hyperparameter are
-traced, so one compiled chunk serves any ``steps``, ``learning_rate`` or multiplier.
+Measured defaults and alternatives, and the batching tolerance: ``benchmarks/RESULTS.md`` ("Mahendran-Vedaldi
+defaults"). Every image is independent (per-image terms, elementwise optimiser and projection, one key per image).
+The steps run on the solver engine (:mod:`peel_jax.solver.engine`: per-image state, masks, budget, drivers) with
+this update rule (:data:`METHODS`); no merit is tracked (the authors' fixed schedule: the last iterate is
+returned). The schedule and every hyperparameter are traced, so one compiled step serves any ``steps``,
+``learning_rate`` or multiplier.
 """
 
 from __future__ import annotations
@@ -84,10 +63,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from peel_jax import blocks as _blocks
 from peel_jax import images as _images
 from peel_jax._features import features
-from peel_jax._invert_network import _depth, _full_box, _observation_residual, _unpooled, invertible_layers
+from peel_jax.inversion.plan import full_box as _full_box
+from peel_jax.inversion.plan import image_shape, invertible_layers
+from peel_jax.inversion.plan import observation_residual as _observation_residual
+from peel_jax.problems import refine as _refine
+from peel_jax.solver import engine
+from peel_jax.solver.config import SolverConfig
 
 TV_RATIO = 6.5  # V = B / TV_RATIO: the IJCV paper's typical neighbour difference relative to the pixel scale
 OPTIMIZERS = ("adam", "momentum")
@@ -191,25 +174,41 @@ def _optimizer(name: str, hp: dict) -> optax.GradientTransformation:
   return optax.sgd(schedule, momentum=MOMENTUM)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "layer", "steps", "optimizer"))
-def _chunk(model, variables, layer, observed, x, state, hp, lo, hi, *, steps: int, optimizer: str):
-  """``steps`` unrolled projected optimiser steps for the whole batch (each image's terms are its own)."""
-  opt = _optimizer(optimizer, hp)
+class _Shared(NamedTuple):
+  net: Any  # peel_jax.problems.refine.Net: the network up to the layer and the pixel box
+  hp: dict  # the hyperparameters (traced: one compilation serves any values)
+
+
+def _residual(x, d, sh: _Shared):
+  return _refine.OBSERVATION.residual(x, d, sh.net)
+
+
+def _bounds(x, d, sh: _Shared):
+  return sh.net.lo, sh.net.hi
+
+
+# The observation residual with the pixel box; no merit: the method spends its whole budget (the authors' fixed
+# schedule) and the last iterate is returned.
+PROBLEM = engine.Problem(residual=_residual, bounds=_bounds, merit=None)
+
+
+def _mv_init(optimizer, problem, config, x, data, shared, lam, mu, rho):
+  return _optimizer(optimizer, shared.hp).init(x)
+
+
+def _mv_step(optimizer, problem, config, x, state, data, sh: _Shared, lam, mu, rho, k):
+  """One projected optimiser step on one image's objective (see the module docstring)."""
+  opt = _optimizer(optimizer, sh.hp)
   # Momentum: the gradient times E||x||^2 = H W C (unit-variance channels), as the authors scale by x0_sigma^2.
-  scale = 1.0 if optimizer == "adam" else float(np.prod(x.shape[1:]))
-  loss = lambda t: jnp.sum(_objective(model, variables, layer, t, observed, hp))
-  for _ in range(steps):
-    g = jax.grad(loss)(x) * scale
-    upd, state = opt.update(g, state, x)
-    x = jnp.clip(optax.apply_updates(x, upd), lo, hi)
-  return x, state
+  scale = 1.0 if optimizer == "adam" else float(np.prod(x.shape))
+  net = sh.net
+  loss = lambda t: _objective(net.model, net.variables, net.layer, t[None], data.y[None], sh.hp)[0]
+  upd, state = opt.update(jax.grad(loss)(x) * scale, state, x)
+  return jnp.clip(optax.apply_updates(x, upd), net.lo, net.hi), state
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer",))
-def _start(keys, lo, hi, hp, *, optimizer: str):
-  x = jax.vmap(lambda k: hp["init_scale"] * jax.random.normal(k, lo.shape[1:], lo.dtype))(keys)
-  x = jnp.clip(x, lo, hi)
-  return x, _optimizer(optimizer, hp).init(x)
+METHODS = {name: engine.Method(functools.partial(_mv_init, name), functools.partial(_mv_step, name))
+           for name in OPTIMIZERS}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layer"))
@@ -230,19 +229,6 @@ def objective_terms(model, variables, observed, layer: str, images, *, alpha: fl
     raise KeyError(f"unknown layer {layer!r}; valid layers: {', '.join(invertible_layers(model))}")
   _, data, ra, rv = _final_terms(model, variables, layer, jnp.asarray(images), jnp.asarray(observed), hp)
   return {"data": data, "alpha": ra, "tv": rv}
-
-
-def image_shape(model, variables, layer: str, observed_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The input shape ``(N, H, W, 3)`` whose ``layer`` output has ``observed_shape`` (batched), walking the blocks
-  back as :func:`peel_jax.invert_network` does (each stride-``s`` block multiplies the size by ``s``)."""
-  stage, _ = _depth(model, layer)
-  shape = tuple(observed_shape)
-  for s in range(stage, -1, -1):
-    shape = _blocks.residual_block(model, variables, s, 0).input_shape(shape)
-  stem = _blocks.stem_block(model, variables)
-  if layer == "relu":
-    stem = _unpooled(stem)
-  return stem.input_shape(shape)
 
 
 def mahendran_vedaldi(
@@ -300,22 +286,57 @@ def mahendran_vedaldi(
     KeyError: an unknown ``layer`` (the message lists the valid names).
     ValueError: a bad optimiser, box, step count or hyperparameter, or an observation that does not fit ``layer``.
   """
-  valid = invertible_layers(model)
-  if layer not in valid:
-    raise KeyError(f"cannot invert from layer {layer!r}; valid layers: {', '.join(valid)}")
+  _check_options(optimizer, steps, chunk, learning_rate=learning_rate, alpha=alpha, beta=beta,
+                 lambda_alpha=lambda_alpha, lambda_tv=lambda_tv, init_scale=init_scale)
+  steps, chunk = int(steps), int(chunk)
+  observed, batched, shape = _observation(model, variables, observed, layer, input_shape)
+  n = observed.shape[0]
+  b = pixel_scale(box)
+  full = _full_box(box, shape[1:], jnp.float32)
+  if full is None:
+    lo = jnp.full(shape[1:], -jnp.inf, jnp.float32)
+    hi = jnp.full(shape[1:], jnp.inf, jnp.float32)
+  else:
+    lo, hi = full
+  hp = {"alpha": jnp.float32(alpha), "beta": jnp.float32(beta), "b": jnp.float32(b),
+        "v": jnp.float32(b / TV_RATIO), "lambda_alpha": jnp.float32(lambda_alpha),
+        "lambda_tv": jnp.float32(lambda_tv), "lr": jnp.float32(learning_rate), "init_scale": jnp.float32(init_scale),
+        "b1": jnp.int32(max(1, steps // 4)), "b2": jnp.int32(max(2, (3 * steps) // 4))}
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+  x = jax.vmap(lambda k: hp["init_scale"] * jax.random.normal(k, shape[1:], jnp.float32))(keys)
+  x = jnp.clip(x, lo[None], hi[None])
+  if steps:
+    data = _refine.RefineData(observed, jnp.maximum(jnp.sqrt(jnp.sum(observed**2, axis=(1, 2, 3))), 1e-30))
+    st = engine.solve(PROBLEM, SolverConfig(tol=0.0, steps_per_call=chunk), x, data,
+                      _Shared(_refine.Net(variables, lo, hi, model, layer), hp), method=METHODS[optimizer],
+                      budget=steps)
+    x = st.u
+  obj, data, ra, rv = _final_terms(model, variables, layer, x, observed, hp)
+  info = MVInfo(residual=_observation_residual(model, variables, layer, x, observed), objective=obj, data=data,
+                alpha_term=ra, tv_term=rv, steps=jnp.full((n,), steps, jnp.int32))
+  return (x if batched else x[0]), info
+
+
+def _check_options(optimizer, steps, chunk, **values):
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
   if int(steps) != steps or steps < 0:
     raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
   if int(chunk) != chunk or chunk < 1:
     raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
-  for name, v in (("learning_rate", learning_rate), ("alpha", alpha), ("beta", beta)):
-    if not (np.isfinite(v) and v > 0):
-      raise ValueError(f"{name} must be positive and finite, got {v!r}")
-  for name, v in (("lambda_alpha", lambda_alpha), ("lambda_tv", lambda_tv), ("init_scale", init_scale)):
-    if not (np.isfinite(v) and v >= 0):
-      raise ValueError(f"{name} must be non-negative and finite, got {v!r}")
-  steps, chunk = int(steps), int(chunk)
+  for name in ("learning_rate", "alpha", "beta"):
+    if not (np.isfinite(values[name]) and values[name] > 0):
+      raise ValueError(f"{name} must be positive and finite, got {values[name]!r}")
+  for name in ("lambda_alpha", "lambda_tv", "init_scale"):
+    if not (np.isfinite(values[name]) and values[name] >= 0):
+      raise ValueError(f"{name} must be non-negative and finite, got {values[name]!r}")
+
+
+def _observation(model, variables, observed, layer, input_shape):
+  """``(observed (N, ...), batched, image shape (N, H, W, 3))``; raises on a layer or shape that does not fit."""
+  valid = invertible_layers(model)
+  if layer not in valid:
+    raise KeyError(f"cannot invert from layer {layer!r}; valid layers: {', '.join(valid)}")
   observed = jnp.asarray(observed, jnp.float32)
   batched = observed.ndim == 4
   if not batched:
@@ -332,27 +353,4 @@ def mahendran_vedaldi(
   if tuple(expected) != tuple(observed.shape):
     raise ValueError(f"an observation of {layer!r} for {shape[1]}x{shape[2]} images has shape {tuple(expected)}, "
                      f"got {tuple(observed.shape)} (pass input_shape=(H, W) for odd image sizes)")
-
-  b = pixel_scale(box)
-  full = _full_box(box, shape[1:], jnp.float32)
-  if full is None:
-    lo = jnp.full(shape[1:], -jnp.inf, jnp.float32)
-    hi = jnp.full(shape[1:], jnp.inf, jnp.float32)
-  else:
-    lo, hi = full
-  lo, hi = lo[None], hi[None]
-  hp = {"alpha": jnp.float32(alpha), "beta": jnp.float32(beta), "b": jnp.float32(b),
-        "v": jnp.float32(b / TV_RATIO), "lambda_alpha": jnp.float32(lambda_alpha),
-        "lambda_tv": jnp.float32(lambda_tv), "lr": jnp.float32(learning_rate), "init_scale": jnp.float32(init_scale),
-        "b1": jnp.int32(max(1, steps // 4)), "b2": jnp.int32(max(2, (3 * steps) // 4))}
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
-  x, state = _start(keys, lo, hi, hp, optimizer=optimizer)
-  done = 0
-  while done < steps:
-    k = min(chunk, steps - done)
-    x, state = _chunk(model, variables, layer, observed, x, state, hp, lo, hi, steps=k, optimizer=optimizer)
-    done += k
-  obj, data, ra, rv = _final_terms(model, variables, layer, x, observed, hp)
-  info = MVInfo(residual=_observation_residual(model, variables, layer, x, observed), objective=obj, data=data,
-                alpha_term=ra, tv_term=rv, steps=jnp.full((n,), steps, jnp.int32))
-  return (x if batched else x[0]), info
+  return observed, batched, shape

@@ -1,0 +1,79 @@
+"""``NetworkConfig``: every option of :func:`peel_jax.invert_network`, one frozen, hashable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from peel_jax.solver.config import SolverConfig
+
+DRIVERS = ("loop", "scan")
+STEM_METHODS = ("bounded", "two_stage", "direct")
+REFINE_STARTS = ("blockwise", "best")
+PRIORS = (None,)
+
+
+def _hashable_box(box):
+  if box is None or isinstance(box, str):
+    return box
+  return tuple(tuple(float(v) for v in np.ravel(b)) if np.ndim(b) else float(b) for b in box)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+  """Options of :func:`peel_jax.invert_network` (a ``jit`` static argument: frozen and hashable).
+
+  Attributes:
+    block: :class:`SolverConfig` of every residual block.
+    stem: :class:`SolverConfig` of the stem and of the refinement (``None``: ``block``).
+    driver: ``'loop'`` (blocks one by one from Python, each with its solver's own driver; the CPU default) or
+      ``'scan'`` (each stage's identical blocks in one ``lax.scan``, every solve in a ``while_loop``: the whole pass
+      is then one traceable program, ``jax.jit`` it for accelerators).
+    stem_method: how a pooled stem is inverted: ``'bounded'`` (both stages), ``'two_stage'`` (stage 1 only),
+      ``'direct'`` (:func:`peel_jax.invert_block` on the pooled stem). See :mod:`peel_jax.problems.stem`.
+    refine_iters: iterations of end-to-end refinement after the block-wise pass (0: the paper's attack alone).
+    refine_start: ``'blockwise'`` or ``'best'`` (per image, whichever of the block-wise and a Mahendran-Vedaldi
+      estimate reproduces the observation better; the choice never sees the truth).
+    certify: run :func:`peel_jax.certify_block` per residual block (eager only).
+    certify_starts: extra starts per block for the certificate's multistart test.
+    box: pixel bounds: ``'imagenet'``, ``None``, or ``(lo, hi)`` (scalars or per-channel sequences; stored as
+      tuples of floats).
+    block_solver: replaces :func:`peel_jax.invert_block` for every residual block (and an unpooled stem): a
+      callable ``(block, y, *, key) -> (x_hat, info)``; needs ``driver='loop'``.
+    prior: reserved for a data-free prior on the image (only ``None`` today).
+  """
+
+  block: SolverConfig = SolverConfig()
+  stem: SolverConfig | None = None
+  driver: str = "loop"
+  stem_method: str = "bounded"
+  refine_iters: int = 0
+  refine_start: str = "blockwise"
+  certify: bool = False
+  certify_starts: int = 0
+  box: Any = "imagenet"
+  block_solver: Callable | None = None
+  prior: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "box", _hashable_box(self.box))
+
+  @property
+  def stem_config(self) -> SolverConfig:
+    return self.block if self.stem is None else self.stem
+
+  def validate(self) -> "NetworkConfig":
+    """Returns ``self``; raises ``ValueError`` on a bad option."""
+    for field, allowed in (("driver", DRIVERS), ("stem_method", STEM_METHODS), ("refine_start", REFINE_STARTS),
+                           ("prior", PRIORS)):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"unknown {field} {getattr(self, field)!r}; expected one of {allowed}")
+    if self.block_solver is not None and self.driver != "loop":
+      raise ValueError("a custom block_solver needs driver='loop' (the scan driver runs invert_block itself)")
+    if self.refine_iters < 0 or self.certify_starts < 0:
+      raise ValueError("refine_iters and certify_starts must be >= 0")
+    self.block.validate()
+    self.stem_config.validate()
+    return self
