@@ -5,6 +5,8 @@ Sub-commands:
 * ``peel-jax invert``: run a ResNet on an image up to a layer, invert that layer's output back to pixels with
   :func:`peel_jax.invert_network`, and write ``metrics.json``, ``reconstruction.png`` (original beside
   reconstruction), ``recovered.png`` (the reconstruction alone) and ``blocks.png`` (error per block) to ``--out``.
+* ``peel-jax audit``: every image of a set attacked from every split point of your network, a self-contained
+  ``index.html`` report with ``metrics.csv`` and ``summary.json`` (:mod:`peel_jax.audit`).
 * ``peel-jax demo``: the attack on a bundled face photo from every stage output ``layer1`` .. ``layer4`` of a
   seeded random resnet18 (paper variant, residual branches scaled by 0.3), one figure and one ``metrics.json``.
 
@@ -91,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
   demo = sub.add_parser("demo", help="the attack on a bundled face photo, from every stage output")
   demo.add_argument("--out", default="peel-jax-demo", help="output directory (default: ./peel-jax-demo)")
   demo.add_argument("--overwrite", action="store_true", help="replace an output directory holding earlier results")
+
+  from peel_jax.audit import add_parser as add_audit_parser  # (the audit's options live with the audit)
+
+  add_audit_parser(sub)
   return p
 
 
@@ -371,12 +377,23 @@ def _demo(args) -> int:
   return 0
 
 
+def _audit(args) -> int:
+  from peel_jax.audit import BadConfig, command
+
+  try:
+    return command(args)
+  except BadConfig as e:
+    raise BadInput(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
   """Entry point of ``peel-jax``; returns the exit status (0 ok, 2 bad input)."""
   try:
     args = _parser().parse_args(argv)
     if args.command == "invert":
       return _invert(args)
+    if args.command == "audit":
+      return _audit(args)
     return _demo(args)
   except BadInput as e:
     print(f"peel-jax: error: {e}", file=sys.stderr)
