@@ -265,10 +265,12 @@ def _push(vjp, v, y):
 def _orthogonalize(basis, w):
   """``w`` (``(N, ...)``) orthogonalised against the rows of ``basis`` (``(K, N, ...)``, unused rows zero), per
   image, by classical Gram-Schmidt twice ("twice is enough"); returns ``(w, ||w||)``."""
+  b = basis.reshape(basis.shape[0], w.shape[0], -1)
+  flat = w.reshape(w.shape[0], -1)
   for _ in range(2):
-    c = jnp.sum((basis * w[None]).reshape(basis.shape[0], w.shape[0], -1), axis=2)
-    w = w - jnp.sum(_expand(c, basis.ndim) * basis, axis=0)
-  return w, jnp.sqrt(_per_image_dot(w, w))
+    c = jnp.einsum("knd,nd->kn", b, flat, precision=jax.lax.Precision.HIGHEST)
+    flat = flat - jnp.einsum("kn,knd->nd", c, b, precision=jax.lax.Precision.HIGHEST)
+  return flat.reshape(w.shape), jnp.sqrt(jnp.sum(flat * flat, axis=1))
 
 
 def _next_vector(basis, w, key, mask, scale, tiny):
@@ -286,6 +288,12 @@ def _next_vector(basis, w, key, mask, scale, tiny):
   return w / _expand(jnp.maximum(norm, 1e-30), w.ndim), norm
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _store(basis, j, q):
+  """``basis`` with row ``j`` set to ``q``, in place (the buffer is donated)."""
+  return jax.lax.dynamic_update_index_in_dim(basis, q, j, 0)
+
+
 def _bidiagonalize(vjp, y, mask, v1, key, iters: int, tiny: float):
   """``iters`` Golub-Kahan-Lanczos steps from ``v1`` with full reorthogonalisation on both sides, batched.
 
@@ -293,21 +301,21 @@ def _bidiagonalize(vjp, y, mask, v1, key, iters: int, tiny: float):
   (diagonal ``alphas``, superdiagonal ``betas``).
   """
   n = v1.shape[0]
-  vs = jnp.zeros((iters + 1, *v1.shape), v1.dtype).at[0].set(v1)
+  vs = _store(jnp.zeros((iters + 1, *v1.shape), v1.dtype), 0, v1)
   us = jnp.zeros((iters, *y.shape), y.dtype)
   ones = jnp.ones(y.shape, y.dtype)
   scale = jnp.zeros((n,), y.dtype)
   u, alpha = _next_vector(us, _push(vjp, v1, y), jax.random.fold_in(key, 0), ones, scale, tiny)
   scale = jnp.maximum(scale, alpha)
-  us = us.at[0].set(u)
+  us = _store(us, 0, u)
   alphas, betas = [alpha], []
   for j in range(1, iters):
     v, beta = _next_vector(vs, _pull(vjp, u, mask), jax.random.fold_in(key, 2 * j - 1), mask, scale, tiny)
     scale = jnp.maximum(scale, beta)
-    vs = vs.at[j].set(v)
+    vs = _store(vs, j, v)
     u, alpha = _next_vector(us, _push(vjp, v, y), jax.random.fold_in(key, 2 * j), ones, scale, tiny)
     scale = jnp.maximum(scale, alpha)
-    us = us.at[j].set(u)
+    us = _store(us, j, u)
     alphas.append(alpha)
     betas.append(beta)
   betas = jnp.stack(betas) if betas else jnp.zeros((0, n), y.dtype)
@@ -484,6 +492,15 @@ def _prepare(model, variables, observed, layer, x_hat, network_config):
   return observed, x_hat, batched
 
 
+def _network_singular_values(model, variables, layer, x_hat, mask, key, iters: int, n_values: int) -> dict:
+  """:func:`jacobian_singular_values` of the network up to ``layer`` (NaN, counts only, when ``iters`` is 0)."""
+  if iters == 0:
+    nan = np.full((x_hat.shape[0],), np.nan)
+    return {"sigma_max": nan, "sigma_min": nan, "ritz": np.full((x_hat.shape[0], 0), np.nan), "iters": 0}
+  y, vjp = _linearize_network(model, variables, layer, x_hat)
+  return _singular_values(y, vjp, x_hat, mask, key=key, iters=iters, n_values=n_values, tiny=1e-6)
+
+
 def certify_network(
     model,
     variables,
@@ -553,12 +570,7 @@ def certify_network(
   m, nz, informative, null_bound = _counts(observed, gated, pixels)
   mask = free_pixel_mask(x_hat, box, box_tol)
   free = np.asarray(jnp.sum(mask.reshape(n, -1), axis=1)).astype(np.int64)
-  if lanczos_iters > 0:
-    y, vjp = _linearize_network(model, variables, layer, x_hat)
-    sv = _singular_values(y, vjp, x_hat, mask, key=k_lanczos, iters=lanczos_iters, n_values=n_values, tiny=1e-6)
-  else:  # counts only
-    nan = np.full((n,), np.nan)
-    sv = {"sigma_max": nan, "sigma_min": nan, "ritz": np.full((n, 0), np.nan), "iters": 0}
+  sv = _network_singular_values(model, variables, layer, x_hat, mask, k_lanczos, lanczos_iters, n_values)
   ratio = sv["sigma_min"] / np.maximum(sv["sigma_max"], 1e-300)
   obs_res = _observation_residual(model, variables, layer, x_hat, observed)
   spread, exact = np.full((n,), np.nan), (obs_res <= exact_tol).astype(np.int64)
