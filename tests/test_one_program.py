@@ -28,7 +28,7 @@ def _tiny(stem_pool="none", n=2):
     model = models.resnet34(small_stem=True, **models.paper_variant())
   else:
     model = models.resnet18(**{**models.paper_variant(), "stem_pool": stem_pool})
-  names = ["chelsea", "coffee", "astronaut", "retina"]
+  names = ["chelsea", "coffee", "astronaut", "grace_hopper"]
   x = jnp.asarray(images.normalize(np.stack([images.bundled(names[i % 4], 32) for i in range(n)])))
   v = scale_branches(model.init(jax.random.key(2), x), 0.3)
   return model, v, x
@@ -83,19 +83,23 @@ SHARDED = textwrap.dedent("""
     from peel_jax.cli import scale_branches
     assert jax.device_count() == 8, jax.devices()
     model = models.resnet34(small_stem=True, **models.paper_variant())
-    names = ["chelsea", "coffee", "astronaut", "retina"]
+    names = ["chelsea", "coffee", "astronaut", "grace_hopper"]
     x = jnp.asarray(images.normalize(np.stack([images.bundled(names[i % 4], 32) for i in range(8)])))
     x = x + 0.01 * jnp.arange(8.0)[:, None, None, None]
     v = scale_branches(model.init(jax.random.key(2), x), 0.3)
     y = peel_jax.features(model, v, x, "layer1")["layer1"]
-    cfg = NetworkConfig(block=SolverConfig(max_iters=3, cg_iters=4), driver="scan", refine_iters=1)
+    # Solves that converge (small branches, enough iterations): unconverged ones amplify rounding differences.
+    cfg = NetworkConfig(block=SolverConfig(max_iters=40, cg_iters=10), driver="scan")
     attack = jax.jit(functools.partial(peel_jax.invert_network, model, v, layer="layer1", config=cfg))
     xu, ru = attack(y)
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     ys = jax.device_put(y, NamedSharding(mesh, P("batch")))
     xs, rs = attack(ys)
     assert len(ys.sharding.device_set) == 8
-    np.testing.assert_allclose(np.asarray(xs), np.asarray(xu), rtol=1e-5, atol=1e-5)
+    print("max |sharded - unsharded|", float(np.max(np.abs(np.asarray(xs) - np.asarray(xu)))))
+    for b in ru.blocks:
+      assert np.asarray(b.converged).all(), (b.name, np.asarray(b.residual))
+    np.testing.assert_allclose(np.asarray(xs), np.asarray(xu), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(rs.observation_residual), np.asarray(ru.observation_residual),
                                rtol=1e-4, atol=1e-7)
     print("SHARDED_OK")
@@ -107,3 +111,4 @@ def test_sharded_jitted_pass_equals_the_unsharded_pass():
   out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=1200,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert "SHARDED_OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+  print(out.stdout)

@@ -292,12 +292,7 @@ def mahendran_vedaldi(
   observed, batched, shape = _observation(model, variables, observed, layer, input_shape)
   n = observed.shape[0]
   b = pixel_scale(box)
-  full = _full_box(box, shape[1:], jnp.float32)
-  if full is None:
-    lo = jnp.full(shape[1:], -jnp.inf, jnp.float32)
-    hi = jnp.full(shape[1:], jnp.inf, jnp.float32)
-  else:
-    lo, hi = full
+  lo, hi = engine.box_bounds(_full_box(box, shape[1:], jnp.float32), shape[1:], jnp.float32)
   hp = {"alpha": jnp.float32(alpha), "beta": jnp.float32(beta), "b": jnp.float32(b),
         "v": jnp.float32(b / TV_RATIO), "lambda_alpha": jnp.float32(lambda_alpha),
         "lambda_tv": jnp.float32(lambda_tv), "lr": jnp.float32(learning_rate), "init_scale": jnp.float32(init_scale),

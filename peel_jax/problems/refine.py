@@ -70,11 +70,7 @@ def refine_image(model, variables, layer, observed, x, *, box=None, config: Solv
     ``(x, iterations)``: the best iterate by observation residual ``(N, H, W, 3)`` and iterations per image ``(N,)``.
   """
   config = SolverConfig() if config is None else config
-  if box is None:
-    lo = jnp.full(x.shape[1:], -jnp.inf, x.dtype)
-    hi = jnp.full(x.shape[1:], jnp.inf, x.dtype)
-  else:
-    lo, hi = box
+  lo, hi = engine.box_bounds(box, x.shape[1:], x.dtype)
   scale = jnp.maximum(jnp.sqrt(jnp.sum(observed * observed, axis=tuple(range(1, observed.ndim)))), 1e-30)
   st = engine.solve(OBSERVATION, config, x, RefineData(observed, scale), Net(variables, lo, hi, model, layer),
                     method=engine.LM, budget=iters)

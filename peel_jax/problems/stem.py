@@ -118,11 +118,7 @@ def _pooled_data(stem: Block, y):
 
 def solve_pooled(stem: Block, y, x0, box, config: SolverConfig):
   """Stage (2) of the pooled-stem inversion from ``x0`` ``(N, H, W, 3)``; returns ``(best x, iterations)``."""
-  if box is None:
-    lo = jnp.full(x0.shape[1:], -jnp.inf, y.dtype)
-    hi = jnp.full(x0.shape[1:], jnp.inf, y.dtype)
-  else:
-    lo, hi = box
+  lo, hi = engine.box_bounds(box, x0.shape[1:], y.dtype)
   x = jnp.clip(x0, lo[None], hi[None])
   st = engine.solve(POOLED, config, x, _pooled_data(stem, y), StemShared(stem, lo, hi), method=engine.LM)
   return st.best_u, st.k

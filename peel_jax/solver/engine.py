@@ -115,6 +115,13 @@ def violation(c, g, dtype):
   return v
 
 
+def box_bounds(box, shape, dtype):
+  """``(lo, hi)`` arrays of ``shape``: ``box`` broadcast, or ``(-inf, inf)`` when ``box`` is ``None``."""
+  if box is None:
+    return jnp.full(shape, -jnp.inf, dtype), jnp.full(shape, jnp.inf, dtype)
+  return tuple(jnp.broadcast_to(jnp.asarray(b, dtype), shape) for b in box)
+
+
 def project(problem: Problem, u, data, shared):
   lo, hi = problem.bounds(u, data, shared)
   return tree.tree_map(jnp.clip, u, lo, hi)
