@@ -1,0 +1,75 @@
+"""The most natural exact preimage (peel_jax.problems.preimage): exactness, the prior's value, the split, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peel_jax import images, models
+from peel_jax._features import features
+from peel_jax.baselines.mahendran_vedaldi import objective_terms, pixel_scale
+from peel_jax.problems import preimage
+from peel_jax.solver.config import SolverConfig
+
+SIZE = 96  # not 64: a 3x3 conv on a 2x2 map is pathologically slow in this jaxlib
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A one-block torchvision-style network (BatchNorm, post-add ReLU, max-pool), two photos, the pixel box."""
+  img = np.stack([images.bundled("astronaut", SIZE), images.bundled("coffee", SIZE)])
+  x = jnp.asarray(images.normalize(img))
+  model = models.ResNet(stage_sizes=(1,))
+  variables = model.init(jax.random.key(0), x[:1])
+  lo, hi = (jnp.broadcast_to(jnp.asarray(b, jnp.float32), x.shape[1:]) for b in images.pixel_box())
+  return model, variables, x, (lo, hi)
+
+
+def _grey_start(box, shape):
+  lo, hi = box
+  return jnp.broadcast_to((lo + hi)[None] / 2, shape) + 0.05 * jax.random.normal(jax.random.key(3), shape)
+
+
+def test_split_merit_is_the_observation_residual(tiny):
+  model, variables, x, box = tiny
+  y = features(model, variables, x, "layer1")["layer1"]
+  before, last = preimage.split_point(model, variables, "layer1")
+  assert before == "maxpool" and last is not None
+  net = preimage.PreimageNet(variables, last, box[0], box[1], jnp.float32(1.0), model, "layer1", before)
+  x1 = _grey_start(box, x.shape)
+  y1 = features(model, variables, x1, "layer1")["layer1"]
+  for i in range(2):
+    d = preimage.PreimageData(y[i], jnp.linalg.norm(y[i]))
+    assert float(preimage._merit(x[i], d, net)) < 1e-6
+    want = float(jnp.linalg.norm(y1[i] - y[i]) / jnp.linalg.norm(y[i]))
+    np.testing.assert_allclose(float(preimage._merit(x1[i], d, net)), want, rtol=1e-5)
+    # The split: equalities vanish where y = 0, inequalities where y > 0.
+    assert float(jnp.max(jnp.abs(jnp.where(y[i] > 0, 0.0, preimage._equality(x1[i], d, net))))) == 0.0
+    assert float(jnp.max(jnp.abs(jnp.where(y[i] > 0, preimage._inequality(x1[i], d, net), 0.0)))) == 0.0
+
+
+def test_exact_preimage_with_prior_from_the_stem_relu(tiny):
+  """From the stem's ReLU (BatchNorm + ReLU, split as z = y / z <= 0): residual <= 1e-4 on every image, and the
+  prior at the solution no larger than the true image's (relative tolerance 1e-3: the solution is feasible to 1e-4,
+  so its prior may sit a little below or above the truth's)."""
+  model, variables, x, box = tiny
+  y = features(model, variables, x, "relu")["relu"]
+  config = SolverConfig(tol=1e-5, cg_iters=30, rho=10.0)
+  x_hat, iters, res = preimage.natural_preimage(model, variables, "relu", y, _grey_start(box, x.shape), box=box,
+                                                lambda_tv=1e-3, pixel_scale=pixel_scale("imagenet"),
+                                                config=config, iters=20)
+  assert np.all(np.asarray(res) <= 1e-4), res
+  assert np.all(np.asarray(iters) <= 20)
+  tv = lambda t: np.asarray(objective_terms(model, variables, y, "relu", t)["tv"])
+  assert np.all(tv(x_hat) <= tv(x) * (1 + 1e-3)), (tv(x_hat), tv(x))
+  lo, hi = box
+  assert bool(jnp.all((x_hat >= lo[None] - 1e-6) & (x_hat <= hi[None] + 1e-6)))
+
+
+@pytest.mark.parametrize("kw, msg", [({"lambda_tv": 0.0}, "lambda_tv must be > 0"),
+                                     ({"iters": 0}, "iters must be >= 1")])
+def test_bad_input(tiny, kw, msg):
+  model, variables, x, box = tiny
+  y = features(model, variables, x, "relu")["relu"]
+  with pytest.raises(ValueError, match=msg):
+    preimage.natural_preimage(model, variables, "relu", y, x, box=box, **kw)
