@@ -165,6 +165,8 @@ try:
       info[name] = f"unavailable: {type(e).__name__}: {e}"
   import peel_jax
   info["network_config"] = hasattr(peel_jax, "NetworkConfig")
+  from benchmarks.block_solver import _source_digest  # pins the code measured when .git did not travel
+  info["peel_jax_source_sha256"] = _source_digest()
 except Exception as e:  # noqa: BLE001
   info["error"] = f"{type(e).__name__}: {e}"
 json.dump(info, open(sys.argv[1], "w"), indent=1)
