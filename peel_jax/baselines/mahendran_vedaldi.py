@@ -258,7 +258,7 @@ def mahendran_vedaldi(
     variables: its Flax variables.
     observed: the output ``Phi0`` of ``layer`` for a batch, ``(N, H', W', C')`` float32 (one observation
       ``(H', W', C')`` is accepted and gives one image).
-    layer: one of :func:`peel_jax._invert_network.invertible_layers` (the names :func:`peel_jax.invert_network`
+    layer: one of :func:`peel_jax.inversion.invertible_layers` (the names :func:`peel_jax.invert_network`
       accepts: ``'relu'``, ``'maxpool'``, ``'layerK'``, ``'layerK.J'``).
     key: PRNG key of the starts (image ``i`` starts from ``fold_in(key, i)``).
     steps: optimiser steps (the authors' CNN runs: 400).
