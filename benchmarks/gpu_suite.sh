@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [--quick] [--out DIR] [--budget SECONDS] [--python PY]
 #
-# --quick   tiny shapes and budgets, to check the script on CPU (about 4-8 minutes on 2 shared cores); the same
-#           steps, the same output layout.
+# --quick   tiny shapes and budgets, to check the script on CPU (every step's cap tripled; 25 minutes on 2 cores at
+#           load 10-16 with --budget 1500, the last study cut); the same steps, the same output layout.
 # --out     where the results go (default /tmp/peel_gpu_suite_out): DIR/gpu_suite.tar.gz (every JSON/CSV),
 #           DIR/gpu_suite_all.tar.gz (the same and the studies' figures), DIR/suite.log and DIR/summary.json: four
 #           files (the device tool returns at most 8, 16 MiB each), re-packed after every step, so a run cut short
