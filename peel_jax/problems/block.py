@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -124,10 +124,48 @@ def _merit(u, d: BlockData, block: Block):
   return jnp.sqrt(jnp.sum(r * r)) / d.scale
 
 
-REDUCED = engine.Problem(residual=functools.partial(_residual, False), bounds=_bounds, merit=_merit,
-                         inequality=functools.partial(_inequality, False))
-LIFTED = engine.Problem(residual=functools.partial(_residual, True), bounds=_bounds, merit=_merit,
-                        equality=_equality, inequality=functools.partial(_inequality, True))
+def _terms(lifted_form, u, d: BlockData, block: Block):
+  """``(E, C, G)`` from one forward (the residual and the inequality share ``z``)."""
+  s = d.scale
+  spec = block.spec
+  if lifted_form:
+    ev = lifted.evaluate(unpost(block), u)
+    z = ev.out
+    cons = {"eq": tuple(e / s for e in ev.eq), "comp": tuple(c / (s * d.unit) for c in ev.comp)}
+  else:
+    z = _z(block, u, False)
+    cons = {}
+  if spec.kind != "stem" and spec.post_activation and spec.activation == "gelu":
+    e = jnp.where(d.eq_mask, block.act(f"act{len(spec.kernels)}")(z) - d.y, 0.0)
+  else:
+    e = jnp.where(d.eq_mask, z - d.target, 0.0)
+  return e / s, cons, {"zero": jnp.where(d.zero_mask, z, 0.0) / s}
+
+
+class BlockShared(NamedTuple):
+  """What every image shares: the block and the box (``(lo, hi)`` arrays or ``None``)."""
+
+  block: Block
+  box: Any
+
+
+def _on_y(f, u, y, sh: BlockShared):
+  # The engine's per-image data is the observation itself; the problem's data is derived inside the compiled
+  # step (as the solver always did), so the step's arithmetic, and its rounding, do not depend on the caller.
+  return f(u, make_data(sh.block, y, sh.box), sh.block)
+
+
+def _per_y(f):
+  return functools.partial(_on_y, f)
+
+
+REDUCED = engine.Problem(residual=_per_y(functools.partial(_residual, False)), bounds=_per_y(_bounds),
+                         merit=_per_y(_merit), inequality=_per_y(functools.partial(_inequality, False)),
+                         terms=_per_y(functools.partial(_terms, False)))
+LIFTED = engine.Problem(residual=_per_y(functools.partial(_residual, True)), bounds=_per_y(_bounds),
+                        merit=_per_y(_merit), equality=_per_y(_equality),
+                        inequality=_per_y(functools.partial(_inequality, True)),
+                        terms=_per_y(functools.partial(_terms, True)))
 PROBLEMS = {"reduced": REDUCED, "lifted": LIFTED}
 
 
@@ -170,21 +208,20 @@ def _start(block, y, x0, key, config, box):
   d = make_data(block, y, box)
   if x0 is None:
     x0 = initial_input(block, y, block.input_shape((1, *y.shape))[1:], key, config, d)
-  u0 = lifted.lift_input(unpost(block), x0) if config.formulation == "lifted" else {"x": x0}
-  return u0, d
+  return lifted.lift_input(unpost(block), x0) if config.formulation == "lifted" else {"x": x0}
 
 
 def init_batch(block, y, x0, keys, box, config: SolverConfig) -> engine.State:
   """The engine state of every image of ``y`` ``(N, Ho, Wo, Co)`` (``x0``: ``None`` or ``(N, H, W, C)``)."""
   if x0 is None:
-    u0, d = jax.vmap(lambda yy, kk: _start(block, yy, None, kk, config, box))(y, keys)
+    u0 = jax.vmap(lambda yy, kk: _start(block, yy, None, kk, config, box))(y, keys)
   else:
-    u0, d = jax.vmap(lambda yy, xx, kk: _start(block, yy, xx, kk, config, box))(y, x0, keys)
-  return engine.batch_init(PROBLEMS[config.formulation], engine.METHODS[config.inner], config, u0, d, block)
+    u0 = jax.vmap(lambda yy, xx, kk: _start(block, yy, xx, kk, config, box))(y, x0, keys)
+  return engine.batch_init(PROBLEMS[config.formulation], engine.METHODS[config.inner], config, u0, y,
+                           BlockShared(block, box))
 
 
 _init_jit = jax.jit(init_batch, static_argnames=("config",))
-data_batch = jax.jit(jax.vmap(make_data, in_axes=(None, 0, None)))
 
 
 def solve_batch(block: Block, y, x0, key, config: SolverConfig, box=None):
@@ -193,8 +230,8 @@ def solve_batch(block: Block, y, x0, key, config: SolverConfig, box=None):
   keys = jax.random.split(key, y.shape[0])
   traced = engine.is_traced(block, y, x0, keys, box_arr)
   st = (init_batch if traced else _init_jit)(block, y, x0, keys, box_arr, config)
-  d = (jax.vmap(make_data, in_axes=(None, 0, None)) if traced else data_batch)(block, y, box_arr)
-  st = engine.run(PROBLEMS[config.formulation], engine.METHODS[config.inner], config, d, block, st)
+  st = engine.run(PROBLEMS[config.formulation], engine.METHODS[config.inner], config, y, BlockShared(block, box_arr),
+                  st)
   return finalize(block, y, st, config, box_arr)
 
 

@@ -54,6 +54,9 @@ class Problem(NamedTuple):
     equality: ``c(u)`` (pytree; ``c = 0``), or ``None``.
     inequality: ``g(u)`` (pytree; ``g <= 0``), or ``None``.
     objective: a prior as a least-squares vector ``o(u)``, or ``None``.
+    terms: optional ``(r, c, g)`` in one evaluation, used instead of the three functions above when they share work
+      (a block's residual and inequality share its forward; one evaluation also keeps the transposed Jacobian a
+      single pass, and so the rounding, of the solver before the engine).
   """
 
   residual: Callable
@@ -62,6 +65,7 @@ class Problem(NamedTuple):
   equality: Callable | None = None
   inequality: Callable | None = None
   objective: Callable | None = None
+  terms: Callable | None = None
 
 
 class State(NamedTuple):
@@ -84,6 +88,8 @@ class State(NamedTuple):
 
 def constraints(problem: Problem, u, data, shared):
   """``(c, g)``: equality and inequality pytrees (``{}`` where the problem has none)."""
+  if problem.terms is not None:
+    return problem.terms(u, data, shared)[1:]
   c = {} if problem.equality is None else problem.equality(u, data, shared)
   g = {} if problem.inequality is None else problem.inequality(u, data, shared)
   return c, g
@@ -91,9 +97,13 @@ def constraints(problem: Problem, u, data, shared):
 
 def al_residual(problem: Problem, u, data, shared, lam, mu, rho):
   """The augmented Lagrangian as a residual pytree: ``L = 0.5 ||R||^2`` up to a constant."""
-  c, g = constraints(problem, u, data, shared)
+  if problem.terms is not None:
+    e, c, g = problem.terms(u, data, shared)
+  else:
+    e = problem.residual(u, data, shared)
+    c, g = constraints(problem, u, data, shared)
   sr = jnp.sqrt(rho)
-  out = {"e": problem.residual(u, data, shared),
+  out = {"e": e,
          "c": tree.tree_map(lambda ci, li: sr * (ci + li / rho), c, lam),
          "g": tree.tree_map(lambda gi, mi: sr * jax.nn.relu(gi + mi / rho), g, mu)}
   if problem.objective is not None:
