@@ -73,3 +73,39 @@ def test_bad_input(tiny, kw, msg):
   y = features(model, variables, x, "relu")["relu"]
   with pytest.raises(ValueError, match=msg):
     preimage.natural_preimage(model, variables, "relu", y, x, box=box, **kw)
+
+
+def test_invert_network_with_the_tv_prior(tiny):
+  """``NetworkConfig(prior='tv')`` runs the refinement as the smoothest exact preimage and reports it."""
+  import peel_jax
+
+  model, variables, x, _ = tiny
+  y = features(model, variables, x, "relu")["relu"]
+  cfg = peel_jax.NetworkConfig(block=SolverConfig(max_iters=5, cg_iters=30, tol=1e-5), refine_iters=20, prior="tv")
+  x_hat, report = peel_jax.invert_network(model, variables, y, "relu", config=cfg, image=x)
+  assert x_hat.shape == x.shape
+  assert np.all(np.asarray(report.observation_residual) <= 1e-4), report.observation_residual
+  assert report.refine is not None
+
+
+@pytest.mark.parametrize("kw, msg", [({"prior": "l1", "refine_iters": 5}, "unknown prior 'l1'"),
+                                     ({"prior": "tv", "refine_iters": 0}, "needs refine_iters >= 1"),
+                                     ({"prior": "tv", "refine_iters": 5, "prior_weight": 0.0},
+                                      "prior_weight and prior_rho must be > 0")])
+def test_bad_prior_config(tiny, kw, msg):
+  import peel_jax
+
+  model, variables, x, _ = tiny
+  y = features(model, variables, x, "relu")["relu"]
+  with pytest.raises(ValueError, match=msg):
+    peel_jax.invert_network(model, variables, y, "relu", config=peel_jax.NetworkConfig(**kw))
+
+
+def test_observation_that_does_not_fit_the_layer(tiny):
+  import peel_jax
+
+  model, variables, x, _ = tiny
+  y = features(model, variables, x, "relu")["relu"]
+  with pytest.raises(ValueError):
+    peel_jax.invert_network(model, variables, y[..., :32], "relu",
+                            config=peel_jax.NetworkConfig(refine_iters=5, prior="tv"))

@@ -12,7 +12,7 @@ from peel_jax.solver.config import SolverConfig
 DRIVERS = ("loop", "scan")
 STEM_METHODS = ("bounded", "two_stage", "direct")
 REFINE_STARTS = ("blockwise", "best")
-PRIORS = (None,)
+PRIORS = (None, "tv")
 
 
 def _hashable_box(box):
@@ -42,7 +42,12 @@ class NetworkConfig:
       tuples of floats).
     block_solver: replaces :func:`peel_jax.invert_block` for every residual block (and an unpooled stem): a
       callable ``(block, y, *, key) -> (x_hat, info)``; needs ``driver='loop'``.
-    prior: reserved for a data-free prior on the image (only ``None`` today).
+    prior: ``None`` (the refinement fits the observation alone) or ``'tv'``: the refinement solves
+      ``min R_tv(x) s.t. f(x) = observed`` (:mod:`peel_jax.problems.preimage`), the smoothest exact preimage, a
+      data-free choice among the images that reproduce the observation. Needs ``refine_iters > 0``.
+    prior_weight: ``lambda_tv`` of the ``'tv'`` prior, in the Mahendran-Vedaldi baseline's units (> 0).
+    prior_rho: the augmented-Lagrangian penalty of the ``'tv'`` refinement (the prior's solve only; measured on a
+      tiny torchvision-style network, 10 reaches 1e-5 in 20 iterations where 1 needs over 40).
   """
 
   block: SolverConfig = SolverConfig()
@@ -56,6 +61,8 @@ class NetworkConfig:
   box: Any = "imagenet"
   block_solver: Callable | None = None
   prior: str | None = None
+  prior_weight: float = 1e-3
+  prior_rho: float = 10.0
 
   def __post_init__(self):
     object.__setattr__(self, "box", _hashable_box(self.box))
@@ -74,6 +81,10 @@ class NetworkConfig:
       raise ValueError("a custom block_solver needs driver='loop' (the scan driver runs invert_block itself)")
     if self.refine_iters < 0 or self.certify_starts < 0:
       raise ValueError("refine_iters and certify_starts must be >= 0")
+    if self.prior is not None and self.refine_iters < 1:
+      raise ValueError(f"prior={self.prior!r} acts in the refinement: it needs refine_iters >= 1")
+    if not (self.prior_weight > 0 and self.prior_rho > 0):
+      raise ValueError(f"prior_weight and prior_rho must be > 0, got {self.prior_weight!r}, {self.prior_rho!r}")
     self.block.validate()
     self.stem_config.validate()
     return self

@@ -9,6 +9,7 @@ inversion gives the image; optionally an end-to-end refinement follows. Data flo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -23,6 +24,7 @@ from peel_jax.inversion import plan as _plan
 from peel_jax.inversion.config import NetworkConfig
 from peel_jax.inversion.drivers import Clock, Progress, Solved, run_units
 from peel_jax.inversion.report import BlockReport, NetworkReport, RefineReport
+from peel_jax.problems.preimage import natural_preimage
 from peel_jax.problems.refine import refine_image
 from peel_jax.problems.stem import invert_stem
 from peel_jax.solver.engine import is_traced
@@ -88,9 +90,21 @@ def _refine(model, variables, layer, observed, x_img, figures, key, cfg: Network
                                 box=cfg.box)
     from_prior = _plan.observation_residual(model, variables, layer, x_mv, observed) < figures["observation_residual"]
     x_img = jnp.where(from_prior[:, None, None, None], x_mv, x_img)
-  x_img, k = refine_image(model, variables, layer, observed, x_img, box=box, config=cfg.stem_config,
-                          iters=cfg.refine_iters)
+  x_img, k = _refine_solve(model, variables, layer, observed, x_img, cfg, box)
   return x_img, RefineReport(iterations=k, seconds=clock.stop(x_img), from_prior=from_prior, blockwise=figures)
+
+
+def _refine_solve(model, variables, layer, observed, x_img, cfg: NetworkConfig, box):
+  """``(x, iterations)``: the prior-free fit, or (``prior='tv'``) the smoothest exact preimage, from ``x_img``."""
+  if cfg.prior is None:
+    return refine_image(model, variables, layer, observed, x_img, box=box, config=cfg.stem_config,
+                        iters=cfg.refine_iters)
+  from peel_jax.baselines.mahendran_vedaldi import pixel_scale
+
+  config = dataclasses.replace(cfg.stem_config, rho=cfg.prior_rho)
+  x, k, _ = natural_preimage(model, variables, layer, observed, x_img, box=box, lambda_tv=cfg.prior_weight,
+                             pixel_scale=pixel_scale(cfg.box), config=config, iters=cfg.refine_iters)
+  return x, k
 
 
 def _certificates(solved: list[Solved], key, cfg: NetworkConfig):

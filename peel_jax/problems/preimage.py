@@ -146,11 +146,7 @@ def natural_preimage(model, variables, layer: str, observed, x0, *, box=None, la
   if int(iters) < 1:
     raise ValueError(f"iters must be >= 1, got {iters!r}")
   config = SolverConfig() if config is None else config
-  if box is None:
-    lo = jnp.full(x0.shape[1:], -jnp.inf, x0.dtype)
-    hi = jnp.full(x0.shape[1:], jnp.inf, x0.dtype)
-  else:
-    lo, hi = box
+  lo, hi = engine.box_bounds(box, x0.shape[1:], x0.dtype)
   before, last = split_point(model, variables, layer)
   hw = x0.shape[1] * x0.shape[2]
   weight = jnp.asarray((lambda_tv / hw) ** 0.5 * TV_RATIO / pixel_scale, x0.dtype)
