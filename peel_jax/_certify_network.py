@@ -55,16 +55,8 @@ exploit. ``box_tol`` (default ``1e-3``) is relative to the box width per channel
 is a quarter of an 8-bit level). ``exact_tol`` (default ``1e-4``) and ``spread_tol`` (default ``1e-3``) are as in
 :func:`peel_jax.certify_block`.
 
-Measured (2 shared CPU cores, load 12-17; ``grace_hopper`` at 128 px, 49,152 pixel values, the true image as
-``x_hat``, 32 steps): torchvision ``resnet18`` (seeded random init) is ``underdetermined`` from every split point,
-non-zero values maxpool 46,168, layer1 45,299, layer2 20,802, layer3 10,766, layer4 5,254 (null-space bounds
-2,984 / 3,853 / 28,350 / 38,386 / 43,898), smallest singular value ratio 4e-3 / 1e-2 / 6e-3 / 4e-3 / 3e-3; the paper
-variant at gain 0.3 is ``determined`` from layer1 (ratio 0.11), layer2 (0.043) and layer3 (0.017), ``underdetermined``
-from layer4 (32,768 signed values). 2-9 s per call warm, 7-19 s cold. The small end converges slowly: 128 steps
-take torchvision layer2 from 6e-3 to 1e-3 (its null space has at least 28,350 dimensions, so the true value is 0)
-and the paper variant's layer2 from 0.043 to 0.018, while layer1 stays at 0.105: the estimate is an upper bound to
-read as such. Two starts (10% noise, 20 LM iterations) on the paper variant's layer1 both returned to the true
-image (spread 1.3e-6, 59 s).
+Measurements (statuses, bounds and singular values on resnet18 and the paper variant): ``benchmarks/RESULTS.md``,
+section "Deployed networks".
 
 References: Golub and Kahan, "Calculating the singular values and pseudo-inverse of a matrix", SIAM J. Numer.
 Anal. B 2 (1965); Golub and Van Loan, "Matrix Computations", 4th ed., Sec. 10.4; DESIGN.md Sec. 2 (the counts).
