@@ -14,7 +14,7 @@ stands beside the bound computed from the same analysis.
 Configurations (issue 12), float32 throughout, default ``SolverConfig()`` (LM inner, ``cg_iters=20``):
 
 - ``block``: ``zoo.block_problem('paper', channels=64, size=56, n=N)`` at N = 1, 8, 64. One solver iteration is
-  ``solver.core.iterate_batch(..., steps=1)`` (the step the Python driver calls; the ``while_loop`` driver runs the
+  ``solver.engine.iterate_batch(..., steps=1)`` (the step the Python driver calls; the ``while_loop`` driver runs the
   same body). A full solve is one iteration times the iteration count: measured here by a full CPU solve at N = 1
   and 8 for the contractive (``branch_gain=0.3``) and He-scale (1.0) blocks; at N = 64 the batch-8 count is assumed
   (a batched solve runs until its slowest image converges, so the true count can only be higher).
@@ -187,37 +187,18 @@ def cost_of(compiled) -> dict:
 
 def iteration_program(block, y, config: peel_jax.SolverConfig, box=None):
   """``(compiled, args, compile_s, how)``: one batched solver iteration on ``y``, the step the Python driver calls
-  and the body of the ``while_loop`` driver.
+  and the body of the ``while_loop`` driver (``peel_jax.solver.engine.iterate_batch`` on the block problem of
+  :mod:`peel_jax.problems.block`)."""
+  from peel_jax.problems import block as pb
+  from peel_jax.solver import engine
 
-  The solver's internals are being reorganised (issue 9), so this reads whichever layout is installed: the
-  engine (``peel_jax.solver.engine.iterate_batch`` on ``peel_jax.problems.block``) or the older
-  ``peel_jax.solver.core.iterate_batch``. With neither, it falls back on the public API: the jitted
-  ``invert_block`` with the ``while_loop`` driver, whose cost XLA counts as initialisation + one iteration +
-  finalisation (a ``while`` body once), a slight overestimate of one iteration (``how`` says which).
-  """
   box_arr = None if box is None else (jnp.asarray(box[0], y.dtype), jnp.asarray(box[1], y.dtype))
   keys = jax.random.split(jax.random.key(0), y.shape[0])
-  try:
-    from peel_jax.problems import block as pb
-    from peel_jax.solver import engine
-
-    st = jax.block_until_ready(pb.init_batch(block, y, None, keys, box_arr, config))
-    data = pb.data_batch(block, y, box_arr)
-    problem, method = pb.PROBLEMS[config.formulation], engine.METHODS[config.inner]
-    lowered = engine.iterate_batch.lower(problem, method, config, data, block, st, steps=1)
-    args, how = (data, block, st), "engine.iterate_batch(steps=1)"
-  except (ImportError, AttributeError, TypeError):
-    try:
-      from peel_jax.solver import core
-
-      st = jax.block_until_ready(core.init_batch(block, y, None, keys, box_arr, config))
-      lowered = core.iterate_batch.lower(block, y, box_arr, st, config=config, steps=1)
-      args, how = (block, y, box_arr, st), "core.iterate_batch(steps=1)"
-    except (ImportError, AttributeError, TypeError):
-      cfg = dataclasses.replace(config, driver="while_loop")
-      f = jax.jit(lambda b, yy: peel_jax.invert_block(b, yy, config=cfg, box=box))
-      lowered = f.lower(block, y)
-      args, how = (block, y), "jit(invert_block, driver='while_loop'): init + one iteration + finalize"
+  st = jax.block_until_ready(pb.init_batch(block, y, None, keys, box_arr, config))
+  shared = pb.BlockShared(block, box_arr)
+  problem, method = pb.PROBLEMS[config.formulation], engine.METHODS[config.inner]
+  lowered = engine.iterate_batch.lower(problem, method, config, y, shared, st, steps=1)
+  args, how = (y, shared, st), "engine.iterate_batch(steps=1)"
   t0 = time.perf_counter()
   compiled = lowered.compile()
   return compiled, args, time.perf_counter() - t0, how

@@ -146,19 +146,24 @@ def forwards_per_iteration(config: peel_jax.SolverConfig) -> int:
   raise ValueError(f"no FLOP model for inner {config.inner!r}")
 
 
+def _best_seconds(fn, args, tries: int, precision: str | None) -> float:
+  """Best-of-``tries`` wall time of ``jax.jit(fn)(*args)``, warm, at matmul ``precision`` (None: the current one)."""
+  with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+    f = jax.jit(fn)
+    f(*args).block_until_ready()
+    best = float("inf")
+    for _ in range(tries):
+      t0 = time.perf_counter()
+      f(*args).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+  return best
+
+
 def measure_peak_gflops(n: int = PEAK_N, tries: int = 5, precision: str | None = None) -> float:
   """Best-of-``tries`` float32 matmul rate, GFLOP/s (``2 n^3`` FLOPs), at ``precision`` (None: the current one)."""
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-  with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(tries):
-      t0 = time.perf_counter()
-      f(a, b).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
-  return 2.0 * n**3 / best / 1e9
+  return 2.0 * n**3 / _best_seconds(jnp.dot, (a, b), tries, precision) / 1e9
 
 
 def measure_conv_gflops(shape: tuple, tries: int = 5, precision: str | None = None) -> float:
@@ -166,16 +171,8 @@ def measure_conv_gflops(shape: tuple, tries: int = 5, precision: str | None = No
   n, h, w, c = shape
   x = jax.random.normal(jax.random.key(3), shape, jnp.float32)
   k = jax.random.normal(jax.random.key(4), (3, 3, c, c), jnp.float32)
-  with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-    f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                                          dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    f(x, k).block_until_ready()
-    best = float("inf")
-    for _ in range(tries):
-      t0 = time.perf_counter()
-      f(x, k).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
-  return 2.0 * n * h * w * c * c * 9 / best / 1e9
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return 2.0 * n * h * w * c * c * 9 / _best_seconds(conv, (x, k), tries, precision) / 1e9
 
 
 def measure_peaks(plan: "Plan") -> dict:
