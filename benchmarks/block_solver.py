@@ -24,6 +24,8 @@ minus the steady-state time. Quality: relative input error ``||x_hat - x|| / ||x
 ``||block(x_hat) - y|| / ||y||`` (both recomputed here for every method), median and worst over the batch; the
 fraction each method itself flags as converged (at its own ``tol``, recorded); and the paper's toy metric
 ``100 * ||x - x_hat|| / numel(x)`` (its "1.14%"), which is not a relative error.
+
+Error against time (a ladder of budgets per method, time to reach a given error): ``python -m benchmarks.block_curves``.
 """
 
 from __future__ import annotations
