@@ -26,8 +26,9 @@ def test_fixed_point_converges_on_contractive_paper_block():
   assert np.all(np.asarray(info.converged)) and not np.any(np.asarray(info.diverged))
   assert np.all(np.asarray(info.residual) <= 1e-6 * 1.0001)
   assert np.all(np.asarray(info.iterations) > 0)
-  assert set(info._fields) == {"residual", "max_violation", "comp_gap", "iterations", "converged", "diverged"}
-  for leaf in info:
+  assert set(info._fields) == {"residual", "max_violation", "comp_gap", "iterations", "converged", "diverged", "path"}
+  assert info.path is None  # only invert_block says which of its paths solved an image
+  for leaf in jax.tree.leaves(info):
     assert leaf.shape == (prob.y.shape[0],)
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from peel_jax.blocks import Block
-from peel_jax.solver import engine, lifted, lm
+from peel_jax.solver import anderson, engine, lifted, lm
 from peel_jax.solver import info as _info
 from peel_jax.solver.config import SolverConfig
 
@@ -159,6 +159,39 @@ def _per_y(f):
   return functools.partial(_on_y, f)
 
 
+def fixed_point_obstacle(block: Block) -> str | None:
+  """Why ``block`` is not of the form ``y = x + F(x)`` (identity shortcut, no post-add activation, stride 1), or
+  ``None`` when it is (then ``x`` is a fixed point of ``x <- y - F(x)``)."""
+  spec = block.spec
+  if spec.kind == "stem":
+    return "the stem is not a residual block (y = pool(act(conv x)))"
+  if spec.shortcut != "identity":
+    return f"its shortcut is {spec.shortcut!r}, not the identity (y = S(x) + F(x) with a strided 1x1 conv S)"
+  if spec.post_activation:
+    return f"it applies a post-add {spec.activation} (y = act(x + F(x)))"
+  if spec.stride != 1:
+    return f"it has stride {spec.stride}"
+  return None
+
+
+def block_method(block: Block, config: SolverConfig) -> engine.Method:
+  """The engine's update rule for ``block``: ``config.inner``, with ``'newton_gmres'`` on square blocks only
+  (``y = x + F(x)``, reduced formulation) and Levenberg-Marquardt with CGLS on every other block."""
+  square = config.formulation == "reduced" and fixed_point_obstacle(block) is None
+  return engine.default_method(config, square)
+
+
+def residual_branch(block: Block, x):
+  """``F(x)`` of ``y = x + F(x)`` (batched NHWC): the branch, after the pre-activation for a pre-activation block."""
+  return block.branch(block.pre(x)) if block.spec.kind == "preact" else block.branch(x)
+
+
+def _fixed_point(u, d: BlockData, block: Block):
+  """``(G(x), merit(x))`` with ``G(x) = y - F(x)``: ``block(x) - y = x - G(x)``, so one forward gives both."""
+  g = d.y - _b(lambda t: residual_branch(block, t), u["x"])
+  return {"x": g}, jnp.sqrt(jnp.sum((u["x"] - g) ** 2)) / d.scale
+
+
 REDUCED = engine.Problem(residual=_per_y(functools.partial(_residual, False)), bounds=_per_y(_bounds),
                          merit=_per_y(_merit), inequality=_per_y(functools.partial(_inequality, False)),
                          terms=_per_y(functools.partial(_terms, False)))
@@ -167,6 +200,7 @@ LIFTED = engine.Problem(residual=_per_y(functools.partial(_residual, True)), bou
                         inequality=_per_y(functools.partial(_inequality, True)),
                         terms=_per_y(functools.partial(_terms, True)))
 PROBLEMS = {"reduced": REDUCED, "lifted": LIFTED}
+FIXED_POINT = REDUCED._replace(fixed_point=_per_y(_fixed_point))
 
 
 # --- the start ----------------------------------------------------------------------------------------------------
@@ -217,11 +251,34 @@ def init_batch(block, y, x0, keys, box, config: SolverConfig) -> engine.State:
     u0 = jax.vmap(lambda yy, kk: _start(block, yy, None, kk, config, box))(y, keys)
   else:
     u0 = jax.vmap(lambda yy, xx, kk: _start(block, yy, xx, kk, config, box))(y, x0, keys)
-  return engine.batch_init(PROBLEMS[config.formulation], engine.METHODS[config.inner], config, u0, y,
+  return engine.batch_init(PROBLEMS[config.formulation], block_method(block, config), config, u0, y,
                            BlockShared(block, box))
 
 
 _init_jit = jax.jit(init_batch, static_argnames=("config",))
+
+
+FAST_PATH_MARGIN = 100.0
+
+
+def _fast_path_applies(block: Block, config: SolverConfig) -> bool:
+  return config.fast_path == "auto" and config.formulation == "reduced" and fixed_point_obstacle(block) is None
+
+
+def _fast_path(block, y, st: engine.State, config: SolverConfig, box):
+  """The fixed-point fast path from the AL start ``st``: ``(st, solved, iterations)``. Where the best fixed-point
+  iterate solves the image (residual <= ``tol``) it becomes the image's result and the image is frozen (done); every
+  other image keeps its AL start, so its result is exactly the AL path's. The fixed point aims at
+  ``tol / FAST_PATH_MARGIN`` and stops at float32's rounding floor (see :mod:`peel_jax.solver.anderson`; a step costs
+  one forward), so that its results are as exact as those of the AL path, whose superlinear last step lands well
+  below ``tol``."""
+  fp_config = dataclasses.replace(config, max_iters=config.fast_path_iters, tol=config.tol / FAST_PATH_MARGIN)
+  fp = engine.solve(FIXED_POINT, fp_config, st.u, y, BlockShared(block, box), method=anderson.ANDERSON)
+  solved = fp.best_merit <= config.tol
+  pick = lambda a, b: jax.tree_util.tree_map(lambda p, q: jnp.where(engine.bcast(solved, p), p, q), a, b)
+  st = st._replace(u=pick(fp.best_u, st.u), best_u=pick(fp.best_u, st.best_u),
+                   best_merit=jnp.where(solved, fp.best_merit, st.best_merit), done=st.done | solved)
+  return st, solved, fp.k
 
 
 def solve_batch(block: Block, y, x0, key, config: SolverConfig, box=None):
@@ -230,9 +287,15 @@ def solve_batch(block: Block, y, x0, key, config: SolverConfig, box=None):
   keys = jax.random.split(key, y.shape[0])
   traced = engine.is_traced(block, y, x0, keys, box_arr)
   st = (init_batch if traced else _init_jit)(block, y, x0, keys, box_arr, config)
-  st = engine.run(PROBLEMS[config.formulation], engine.METHODS[config.inner], config, y, BlockShared(block, box_arr),
+  solved = jnp.zeros(y.shape[:1], bool)
+  fp_iters = jnp.zeros(y.shape[:1], jnp.int32)
+  if _fast_path_applies(block, config):
+    st, solved, fp_iters = _fast_path(block, y, st, config, box_arr)
+  st = engine.run(PROBLEMS[config.formulation], block_method(block, config), config, y, BlockShared(block, box_arr),
                   st)
-  return finalize(block, y, st, config, box_arr)
+  x_hat, inf = finalize(block, y, st, config, box_arr)
+  path = jnp.where(solved, _info.PATH_FIXED_POINT, _info.PATH_AL).astype(jnp.int32)
+  return x_hat, inf._replace(iterations=inf.iterations + fp_iters, path=path)
 
 
 def finalize(block, y, st: engine.State, config: SolverConfig, box):

@@ -57,6 +57,8 @@ class Problem(NamedTuple):
     terms: optional ``(r, c, g)`` in one evaluation, used instead of the three functions above when they share work
       (a block's residual and inequality share its forward; one evaluation also keeps the transposed Jacobian a
       single pass, and so the rounding, of the solver before the engine).
+    fixed_point: optional ``G(u) -> (G(u), merit(u))``, a map whose fixed points are the problem's solutions, with
+      the merit of ``u`` from the same evaluation (for :data:`peel_jax.solver.anderson.ANDERSON`).
   """
 
   residual: Callable
@@ -66,6 +68,7 @@ class Problem(NamedTuple):
   inequality: Callable | None = None
   objective: Callable | None = None
   terms: Callable | None = None
+  fixed_point: Callable | None = None
 
 
 class State(NamedTuple):
@@ -145,11 +148,17 @@ class Method(NamedTuple):
   ``step(problem, config, u, inner, data, shared, lam, mu, rho, k) -> (u, inner)`` for one image; ``restart``:
   re-``init`` the inner state after each multiplier update (the merit changed). :data:`LM`, :data:`ADAM` and
   :data:`LBFGSB` minimise the augmented Lagrangian; a baseline brings its own rule (e.g. Mahendran-Vedaldi's
-  momentum on its prior-regularised objective) and shares the rest of the engine."""
+  momentum on its prior-regularised objective) and shares the rest of the engine.
+
+  ``score``: optional ``inner -> (u_scored, merit, stop)``, for a rule that evaluates the merit of an iterate as a
+  by-product of its step (a fixed-point map): the engine then tracks the best iterate and tests convergence on
+  ``u_scored`` (the step's input) instead of evaluating the problem's merit at the new ``u``, and ends the image,
+  unconverged, where ``stop`` (the rule gave up: no progress, or divergence)."""
 
   init: Callable
   step: Callable
   restart: bool = False
+  score: Callable | None = None
 
 
 def _lm_init(problem, config, u, data, shared, lam, mu, rho):
@@ -160,6 +169,11 @@ def _lm_step(problem, config, u, inner, data, shared, lam, mu, rho, k):
   lower, upper = problem.bounds(u, data, shared)
   res_fn = lambda v: al_residual(problem, v, data, shared, lam, mu, rho)
   return lm.step(res_fn, u, lower, upper, inner, config.cg_iters)
+
+
+def _newton_gmres_step(problem, config, u, inner, data, shared, lam, mu, rho, k):
+  lower, upper = problem.bounds(u, data, shared)
+  return lm.newton_gmres_step(lambda v: problem.residual(v, data, shared), u, lower, upper, inner, config.cg_iters)
 
 
 def _adam_init(problem, config, u, data, shared, lam, mu, rho):
@@ -193,7 +207,16 @@ def _lbfgsb_step(problem, config, u, inner, data, shared, lam, mu, rho, k):
 LM = Method(_lm_init, _lm_step)
 ADAM = Method(_adam_init, _adam_step, restart=True)
 LBFGSB = Method(_lbfgsb_init, _lbfgsb_step, restart=True)
-METHODS = {"lm": LM, "adam": ADAM, "lbfgsb": LBFGSB}
+NEWTON_GMRES = Method(_lm_init, _newton_gmres_step)
+METHODS = {"lm": LM, "adam": ADAM, "lbfgsb": LBFGSB, "newton_gmres": NEWTON_GMRES}
+
+
+def default_method(config: SolverConfig, square: bool = False) -> Method:
+  """The update rule ``config.inner`` names; ``'newton_gmres'`` needs a square, unconstrained problem (the caller
+  vouches for it with ``square``: :mod:`peel_jax.problems.block` does for ``y = x + F(x)`` blocks), else :data:`LM`."""
+  if config.inner == "newton_gmres" and not square:
+    return LM
+  return METHODS[config.inner]
 
 
 # --- state and one iteration --------------------------------------------------------------------------------------
@@ -237,20 +260,24 @@ def iterate(problem: Problem, method: Method, config: SolverConfig, data, shared
   lam, mu, rho = pick(lam_new, st.lam), pick(mu_new, st.mu), jnp.where(outer, rho_new, st.rho)
   if method.restart:
     inner = pick(method.init(problem, config, u, data, shared, lam, mu, rho), inner)
-  m = _merit(problem, u, data, shared)
+  if method.score is None:
+    scored, m, stop = u, _merit(problem, u, data, shared), jnp.zeros((), bool)
+  else:
+    scored, m, stop = method.score(inner)
   finite = (jnp.isfinite(m) | (problem.merit is None)) & _finite(u)
   better = finite & (m < st.best_merit)
   new = State(u=u, lam=lam, mu=mu, rho=rho, inner=inner, k=k, prev_violation=jnp.where(outer, viol, st.prev_violation),
-              best_u=tree.tree_map(lambda a, b: jnp.where(better, a, b), project(problem, u, data, shared), st.best_u),
+              best_u=tree.tree_map(lambda a, b: jnp.where(better, a, b), project(problem, scored, data, shared),
+                                   st.best_u),
               best_merit=jnp.where(better, m, st.best_merit), merit=m,
-              done=(finite & (m <= config.tol)) | ~finite, diverged=~finite, budget=st.budget)
+              done=(finite & (m <= config.tol)) | ~finite | stop, diverged=~finite, budget=st.budget)
   return tree.tree_map(lambda a, b: jnp.where(st.done, a, b), st, new)  # a finished image keeps its state exactly
 
 
 # --- batched entry points and drivers -----------------------------------------------------------------------------
 
 
-def _bcast(mask, a):
+def bcast(mask, a):
   return mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim))
 
 
@@ -262,7 +289,7 @@ def _budgeted_step(problem, method, config, data, shared, st: State) -> State:
   """One iteration for every image; an image that has spent its budget keeps its state."""
   new = jax.vmap(lambda dd, ss: iterate(problem, method, config, dd, shared, ss))(data, st)
   budget = st.k < st.budget
-  return tree.tree_map(lambda a, b: jnp.where(_bcast(budget, a), a, b), new, st)
+  return tree.tree_map(lambda a, b: jnp.where(bcast(budget, a), a, b), new, st)
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "method", "config", "steps"))
@@ -320,7 +347,7 @@ def solve(problem: Problem, config: SolverConfig, u0, data, shared, method: Meth
   Returns:
     The final :class:`State` (``best_u``, ``best_merit``, ``u``, ``k``, ``done``, ``diverged`` per image).
   """
-  method = METHODS[config.inner] if method is None else method
+  method = default_method(config) if method is None else method
   init = batch_init if is_traced(u0, data, shared) else _init_jit
   st = init(problem, method, config, u0, data, shared)
   if budget is not None:

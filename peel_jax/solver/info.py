@@ -24,6 +24,9 @@ class InversionInfo(NamedTuple):
     iterations: iterations spent (solver-specific unit: outer x inner, or steps).
     converged: ``residual <= tol`` and finite.
     diverged: a non-finite value appeared; ``x_hat`` then holds the last finite iterate (or the start).
+    path: which method gave ``x_hat`` (:func:`peel_jax.invert_block` only; ``None`` for the baselines):
+      :data:`PATH_AL` (the augmented Lagrangian) or :data:`PATH_FIXED_POINT` (the fixed-point fast path, see
+      :class:`peel_jax.SolverConfig` ``fast_path``).
   """
 
   residual: jax.Array
@@ -32,6 +35,11 @@ class InversionInfo(NamedTuple):
   iterations: jax.Array
   converged: jax.Array
   diverged: jax.Array
+  path: jax.Array | None = None
+
+
+PATH_AL = 0
+PATH_FIXED_POINT = 1
 
 
 def relative_residual(block: Block, x: jax.Array, y: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 tree = jax.tree_util
@@ -58,6 +59,49 @@ def cgls(jv: Callable, jtv: Callable, r, damping, iters: int, like):
   return d
 
 
+def gmres(jv: Callable, b: jax.Array, iters: int) -> jax.Array:
+  """Approximately solves the square system ``J d = b`` (flat vectors) from ``d = 0``: ``iters`` unrolled GMRES steps.
+
+  Arnoldi with classical Gram-Schmidt applied twice (CGS2, as accurate as modified Gram-Schmidt and one matrix
+  product per pass), then the ``(iters + 1) x iters`` Hessenberg least-squares problem (Saad & Schultz, SIAM J. Sci.
+  Stat. Comput. 7, 1986). No restart: ``iters`` products with ``J``.
+  """
+  beta = jnp.linalg.norm(b)
+  basis = jnp.zeros((iters + 1, b.size), b.dtype).at[0].set(b / jnp.maximum(beta, 1e-30))
+  hess = jnp.zeros((iters + 1, iters), b.dtype)
+  for j in range(iters):
+    w = jv(basis[j])
+    h = basis @ w
+    w = w - basis.T @ h
+    h2 = basis @ w
+    w = w - basis.T @ h2
+    norm = jnp.linalg.norm(w)
+    hess = hess.at[:, j].set((h + h2).at[j + 1].set(norm))
+    basis = basis.at[j + 1].set(w / jnp.maximum(norm, 1e-30))
+  rhs = jnp.zeros((iters + 1,), b.dtype).at[0].set(beta)
+  coef = jnp.linalg.lstsq(hess, rhs)[0]
+  return basis[:iters].T @ coef
+
+
+def backtrack(residual: Callable, u, d, lower, upper, cost0):
+  """The longest step ``clip(u + t d)``, ``t`` in :data:`STEP_LADDER`, that lowers ``0.5 ||R||^2`` below ``cost0``.
+
+  Unrolled (a loop would be slow on CPU). Returns ``(u', cost', full_step_taken, any_step_taken)``; ``u' = u`` when
+  no step lowers the cost.
+  """
+  best_u, best_cost, taken, first = u, cost0, jnp.zeros((), bool), jnp.zeros((), bool)
+  for i, t in enumerate(STEP_LADDER):
+    trial = tree.tree_map(lambda x, dd, lo, hi: jnp.clip(x + t * dd, lo, hi), u, d, lower, upper)
+    rt = residual(trial)
+    cost = 0.5 * tdot(rt, rt)
+    ok = ~taken & jnp.isfinite(cost) & (cost < cost0)
+    best_u = tree.tree_map(lambda a, b: jnp.where(ok, a, b), trial, best_u)
+    best_cost = jnp.where(ok, cost, best_cost)
+    first = ok if i == 0 else first
+    taken = taken | ok
+  return best_u, best_cost, first, taken
+
+
 class LMState(NamedTuple):
   damping: jax.Array
   cost: jax.Array  # 0.5 ||R(u)||^2 at the current u (inf = not yet evaluated)
@@ -85,20 +129,19 @@ def step(residual: Callable, u, lower, upper, state: LMState, cg_iters: int):
   jg = jv(gf)
   curvature = tdot(jg, jg) / jnp.maximum(tdot(gf, gf), 1e-30)
   d = cgls(jv, jtv, r, state.damping * curvature, cg_iters, u)
-  # Backtracking over a fixed ladder of step lengths, unrolled (a loop would be slow on CPU): take the longest
-  # step that decreases the cost.
-  best_u, best_cost, taken = u, cost0, jnp.zeros((), bool)
-  first = jnp.zeros((), bool)
-  for i, t in enumerate(STEP_LADDER):
-    trial = tree.tree_map(lambda x, dd, lo, hi: jnp.clip(x + t * dd, lo, hi), u, mask(d), lower, upper)
-    rt = residual(trial)
-    cost = 0.5 * tdot(rt, rt)
-    ok = ~taken & jnp.isfinite(cost) & (cost < cost0)
-    best_u = tree.tree_map(lambda a, b: jnp.where(ok, a, b), trial, best_u)
-    best_cost = jnp.where(ok, cost, best_cost)
-    if i == 0:
-      first = ok
-    taken = taken | ok
+  best_u, best_cost, first, taken = backtrack(residual, u, mask(d), lower, upper, cost0)
   damping = jnp.where(first, state.damping * 0.3, jnp.where(taken, state.damping, state.damping * 10.0))
   damping = jnp.clip(damping, 1e-9, 1e8)
   return best_u, LMState(damping, best_cost)
+
+
+def newton_gmres_step(residual: Callable, u, lower, upper, state: LMState, iters: int):
+  """One projected semi-smooth Newton step on a square residual (``R(u)`` the size of ``u``): ``d`` from
+  :func:`gmres` on ``J d = -R``, then the longest step of :data:`STEP_LADDER` that lowers ``||R(clip(u + t d))||``.
+  Returns ``(u, state)``; pure, one problem."""
+  flat, unravel = jax.flatten_util.ravel_pytree(u)
+  res_flat = lambda v: jax.flatten_util.ravel_pytree(residual(unravel(v)))[0]
+  r, jv = jax.linearize(res_flat, flat)
+  d = unravel(gmres(jv, -r, iters))
+  best_u, best_cost, _, _ = backtrack(residual, u, d, lower, upper, 0.5 * jnp.vdot(r, r))
+  return best_u, LMState(state.damping, best_cost)
