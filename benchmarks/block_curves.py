@@ -195,7 +195,8 @@ def budgeted(solve: Callable, *, warm_each: bool, default_point: bool = False) -
     for budget, warm in plan:
       fn = lambda budget=budget: _ready(solve(prob.block, prob.y, budget))
       (x_hat, info), first, secs, calls = steady(fn, timing, warm)
-      yield {"budget": DEFAULT if budget is None else int(budget), "seconds": secs, "x_hat": x_hat,
+      label = DEFAULT if budget is None else (float(budget) if isinstance(budget, float) else int(budget))
+      yield {"budget": label, "seconds": secs, "x_hat": x_hat,
              "timed_calls": calls, "first_call_s": first,
              "iterations": None if info is None else int(np.asarray(info.iterations)[0]),
              "converged": None if info is None else bool(np.asarray(info.converged)[0])}
@@ -240,6 +241,28 @@ def ours_variant(config_overrides: dict, *, ladder: tuple = OURS_LADDER, quick_l
       quick_ladder=tuple(quick_ladder), unit=f"solver iterations ({', '.join(budget_fields)}; tol={TINY_TOL:g})",
       description=description or f"peel_jax.invert_block, SolverConfig() with {config_overrides or 'no overrides'}",
       config={**dataclasses.asdict(config), "budget_fields": list(budget_fields)})
+
+
+TOL_LADDER = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+
+
+def ours_tolerances(config_overrides: dict, *, ladder: tuple = TOL_LADDER, quick_ladder: tuple = (1e-2,),
+                    description: str | None = None) -> CurveMethod:
+  """A :data:`CURVE_METHODS` entry for ``peel_jax.invert_block`` whose budgets are tolerances: budget ``t`` runs
+  ``SolverConfig()`` with ``config_overrides`` and ``tol=t`` (every other field, the iteration budgets included, at
+  its default), plus the ``'default'`` point. For a solver with stages that an iteration budget cannot cap alike (the
+  fixed-point fast path, then the AL on the images it leaves), this traces what a user gets at each tolerance."""
+  config = dataclasses.replace(peel_jax.SolverConfig(), **config_overrides).validate()
+
+  def solve(block, y, budget):
+    cfg = config if budget is None else dataclasses.replace(config, tol=float(budget))
+    return peel_jax.invert_block(block, y, config=cfg)
+
+  return CurveMethod(
+      runner=budgeted(solve, warm_each=True, default_point=True), ladder=tuple(float(t) for t in ladder),
+      quick_ladder=tuple(float(t) for t in quick_ladder), unit="tolerance (SolverConfig.tol)",
+      description=description or f"peel_jax.invert_block, SolverConfig() with {config_overrides or 'no overrides'}",
+      config=dataclasses.asdict(config))
 
 
 def _fixed_point_solve(block, y, budget):
@@ -329,7 +352,14 @@ def torch_available() -> bool:
 
 
 CURVE_METHODS: dict[str, CurveMethod] = {
-    "ours": ours_variant({}, description="peel_jax.invert_block, the library's default SolverConfig()"),
+    "ours": ours_tolerances({}, description="peel_jax.invert_block, the library's default SolverConfig() (fixed-point "
+                                           "fast path, AL fallback), at each tolerance"),
+    "ours_al": ours_variant({"fast_path": "off"}, description="peel_jax.invert_block, fast_path='off': the AL with "
+                                                             "Levenberg-Marquardt and CGLS alone (the previous default)"),
+    "ours_newton_gmres": ours_variant({"fast_path": "off", "inner": "newton_gmres", "cg_iters": 10},
+                                      ladder=(1, 2, 3, 4, 6, 8, 12),
+                                      description="peel_jax.invert_block, fast_path='off', inner='newton_gmres' "
+                                                  "(GMRES(10) on J d = -r)"),
     "fixed_point": CurveMethod(
         runner=budgeted(_fixed_point_solve, warm_each=False),
         ladder=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100, 200), quick_ladder=(1, 4, 16),
