@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from peel_jax.blocks import Block
+from peel_jax.problems.block import fixed_point_obstacle, residual_branch
 from peel_jax.solver import info as _info
 
 # An image whose residual exceeds this multiple of the best residual it has reached is stopped as diverged.
@@ -36,28 +37,12 @@ def check_applicable(block: Block) -> None:
   """Raises ``ValueError`` unless ``block`` is ``y = x + F(x)`` (identity shortcut, no post-add activation)."""
   if not isinstance(block, Block):
     raise TypeError(f"expected a peel_jax.blocks.Block, got {type(block).__name__}")
-  spec = block.spec
-  name = spec.name or spec.kind
-  why = None
-  if spec.kind == "stem":
-    why = "the stem is not a residual block (y = pool(act(conv x)))"
-  elif spec.shortcut != "identity":
-    why = f"its shortcut is {spec.shortcut!r}, not the identity (y = S(x) + F(x) with a strided 1x1 conv S)"
-  elif spec.post_activation:
-    why = f"it applies a post-add {spec.activation} (y = act(x + F(x)))"
-  elif spec.stride != 1:
-    why = f"it has stride {spec.stride}"
+  why = fixed_point_obstacle(block)
   if why is not None:
     raise ValueError(
         f"fixed_point applies only to identity-shortcut blocks without post-add activation (y = x + F(x)); "
-        f"block {name!r} does not qualify: {why}. Use peel_jax.invert_block instead."
+        f"block {block.spec.name or block.spec.kind!r} does not qualify: {why}. Use peel_jax.invert_block instead."
     )
-
-
-def _branch(block: Block, x):
-  if block.spec.kind == "preact":
-    return block.branch(block.pre(x))
-  return block.branch(x)
 
 
 def _per_image(mask, a):
@@ -73,7 +58,7 @@ def _chunk(block, y, scale, state, iters, tol, steps: int):
   """``steps`` fixed-point iterations (unrolled) for every image still running."""
   x, best_x, best_res, k, done, diverged = state
   for _ in range(steps):
-    x_new = y - _branch(block, x)
+    x_new = y - residual_branch(block, x)
     res = _norm(x - x_new) / scale  # relative residual of x (before the update)
     finite = jnp.isfinite(res) & jnp.all(jnp.isfinite(x_new).reshape(x.shape[0], -1), axis=1)
     better = jnp.isfinite(res) & (res < best_res)
