@@ -11,7 +11,8 @@ On the machine it runs on it also *measures* the same executables and its own pe
 3x3 convolution, best of a few) and memory bandwidth (a jitted elementwise pass over 256 MiB), so a measured time
 stands beside the bound computed from the same analysis.
 
-Configurations (issue 12), float32 throughout, default ``SolverConfig()`` (LM inner, ``cg_iters=20``):
+Configurations (issue 12), float32 throughout, ``SolverConfig(fast_path='off')`` (the AL path: LM inner,
+``cg_iters=20``; every iteration the same program, so a solve is iterations x one program):
 
 - ``block``: ``zoo.block_problem('paper', channels=64, size=56, n=N)`` at N = 1, 8, 64. One solver iteration is
   ``solver.engine.iterate_batch(..., steps=1)`` (the step the Python driver calls; the ``while_loop`` driver runs the
@@ -24,6 +25,12 @@ Configurations (issue 12), float32 throughout, default ``SolverConfig()`` (LM in
   the sum over blocks of iterations x per-iteration cost, at the iteration cap (every block spends its budget: an
   upper bound on the work of a solve with that cap) for the caps 30 (the CPU network rows) and 150 (the default).
 - ``resnet50``: the same from ``layer3``.
+
+- ``fast_path`` (issue 13, with ``block``): the default ``SolverConfig()`` on the same blocks, whose fixed-point
+  fast path solves contractive blocks at one forward per step and hands the rest to the AL: XLA's cost of one
+  fixed-point step beside one AL step, and each full default solve split into its fixed-point and AL iterations
+  (the fixed point's count from a solve of the fast path alone), as achieved GFLOP/s and the fraction of this
+  machine's measured peak.
 
 What the numbers leave out, and why they are bounds:
 
@@ -99,13 +106,15 @@ class Plan:
 
 FULL = Plan(
     channels=64, size=56, batches=(1, 8, 64), solve_batches=(1, 8), network_size=224, network_batch=64,
-    networks=(("resnet18", "layer4"), ("resnet50", "layer3")), config=peel_jax.SolverConfig(), peak_n=2048,
+    networks=(("resnet18", "layer4"), ("resnet50", "layer3")), config=peel_jax.SolverConfig(fast_path="off"),
+    peak_n=2048,
     conv_shape=(8, 56, 56, 128), bandwidth_mib=256,
 )
 
 QUICK = Plan(
     channels=8, size=16, batches=(1, 2), solve_batches=(1,), network_size=96, network_batch=1,
-    networks=(("resnet18", "layer1.0"),), config=peel_jax.SolverConfig(max_iters=4, cg_iters=2), peak_n=256,
+    networks=(("resnet18", "layer1.0"),), config=peel_jax.SolverConfig(max_iters=4, cg_iters=2, fast_path="off"),
+    peak_n=256,
     conv_shape=(1, 16, 16, 16), bandwidth_mib=8,
 )
 
@@ -202,6 +211,71 @@ def iteration_program(block, y, config: peel_jax.SolverConfig, box=None):
   t0 = time.perf_counter()
   compiled = lowered.compile()
   return compiled, args, time.perf_counter() - t0, how
+
+
+def fixed_point_program(block, y, config: peel_jax.SolverConfig):
+  """``(compiled, args, compile_s, how)`` for one fixed-point step of the fast path on ``y`` (see
+  :func:`iteration_program`), and the fast path's own iteration count per image (``int``, the batch's largest)."""
+  from peel_jax.problems import block as pb
+  from peel_jax.solver import anderson, engine
+
+  fp_config = dataclasses.replace(config, max_iters=config.fast_path_iters, tol=config.tol / pb.FAST_PATH_MARGIN)
+  shared = pb.BlockShared(block, None)
+  st = jax.block_until_ready(engine.batch_init(pb.FIXED_POINT, anderson.ANDERSON, fp_config, {"x": y}, y, shared))
+  lowered = engine.iterate_batch.lower(pb.FIXED_POINT, anderson.ANDERSON, fp_config, y, shared, st, steps=1)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  fp = engine.solve(pb.FIXED_POINT, fp_config, {"x": y}, y, shared, method=anderson.ANDERSON)
+  return compiled, (y, shared, st), compile_s, int(np.max(np.asarray(fp.k))), "engine.iterate_batch(FIXED_POINT)"
+
+
+def fast_path_rows(plan: Plan, ceilings: dict, args) -> list[dict]:
+  """Per (gain, batch): one fixed-point step and one AL step (XLA cost, CPU time), and the default solve split
+  into both, as achieved GFLOP/s and fraction of this machine's peak."""
+  config = dataclasses.replace(plan.config, fast_path="auto")
+  rows = []
+  for gain in GAINS:
+    for n in plan.solve_batches:
+      prob = zoo.block_problem("paper", channels=plan.channels, size=plan.size, n=n, branch_gain=gain)
+      fp_c, fp_args, _, fp_iters, _ = fixed_point_program(prob.block, prob.y, config)
+      al_c, al_args, _, _ = iteration_program(prob.block, prob.y, config)
+      fp_cost, al_cost = cost_of(fp_c), cost_of(al_c)
+      fp_s, al_s = time_call(fp_c, fp_args, args.repeats), time_call(al_c, al_args, args.repeats)
+      fn = lambda: peel_jax.invert_block(prob.block, prob.y, config=config)
+      jax.block_until_ready(fn())
+      t0 = time.perf_counter()
+      x_hat, info = jax.block_until_ready(fn())
+      solve_s = time.perf_counter() - t0
+      paths = np.asarray(info.path)
+      al_iters = int(np.max(np.asarray(info.iterations))) - fp_iters
+      flops = fp_iters * fp_cost["flops"] + max(al_iters, 0) * al_cost["flops"]
+      rows.append({
+          "config": f"block c{plan.channels} s{plan.size} N={n} gain {gain}, default SolverConfig()", "gain": gain,
+          "batch": n, "fixed_point_step": {**fp_cost, "measured_s": fp_s}, "al_step": {**al_cost, "measured_s": al_s},
+          "solve": {"seconds": solve_s, "fixed_point_iterations": fp_iters, "al_iterations": max(al_iters, 0),
+                    "fixed_point_path_fraction": float(np.mean(paths == 1)), "flops": flops,
+                    "rel_error_median": float(np.median(np.asarray(peel_jax.relative_error(x_hat, prob.x))))},
+          "load_1min": os.getloadavg()[0]})
+      print(f"  fast path gain {gain} N={n}: FP step {_fmt_s(fp_s)}, AL step {_fmt_s(al_s)}, solve {_fmt_s(solve_s)} "
+            f"({fp_iters} FP + {max(al_iters, 0)} AL iterations)", flush=True)
+  return rows
+
+
+def fast_path_markdown(rows: list[dict], peak_gflops: float) -> str:
+  lines = ["| configuration | program | GFLOP | measured | achieved GFLOP/s | fraction of peak |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    for key, label in (("fixed_point_step", "one fixed-point step"), ("al_step", "one AL (LM) step")):
+      p = r[key]
+      rate = p["flops"] / p["measured_s"] / 1e9
+      lines.append(f"| {r['config']} | {label} | {p['flops'] / 1e9:.4g} | {_fmt_s(p['measured_s'])} | {rate:.3g} "
+                   f"| {rate / peak_gflops:.0%} |")
+    sv = r["solve"]
+    rate = sv["flops"] / sv["seconds"] / 1e9
+    lines.append(f"| {r['config']} | full solve ({sv['fixed_point_iterations']} FP + {sv['al_iterations']} AL it.; "
+                 f"{sv['fixed_point_path_fraction']:.0%} of images on the fast path) | {sv['flops'] / 1e9:.4g} "
+                 f"| {_fmt_s(sv['seconds'])} | {rate:.3g} | {rate / peak_gflops:.0%} |")
+  return "\n".join(lines)
 
 
 def time_call(compiled, args, repeats: int = 2) -> float:
@@ -494,9 +568,12 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"# this machine: matmul {ceilings['matmul_gflops']:.1f} GFLOP/s, conv {ceilings['conv_gflops']:.1f} "
         f"GFLOP/s, bandwidth {ceilings['bandwidth_gb_s']:.1f} GB/s", flush=True)
   configs, units = [], []
+  fast = []
   if "block" in args.configs:
     c, u = block_configs(plan, ceilings, args)
     configs, units = configs + c, units + u
+    if args.cpu_timing:
+      fast = fast_path_rows(plan, ceilings, args)
   c, u = network_configs(plan, ceilings, args)
   configs, units = configs + c, units + u
   # A shared machine: the ceilings are measured again at the end, and the CPU bounds use the better of the two.
@@ -508,8 +585,10 @@ def main(argv: list[str] | None = None) -> dict:
   meta["total_wall_s"] = time.perf_counter() - t0
   result = {"meta": meta, "devices": DEVICES,
             "machine": {"start": ceilings, "end": ceilings_end, "used_for_bounds": best},
-            "configs": configs, "units": units}
+            "configs": configs, "units": units, "fast_path": fast}
   result["markdown"] = markdown(result)
+  if fast:
+    result["markdown"] += "\n\n" + fast_path_markdown(fast, best["peak_gflops"])
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

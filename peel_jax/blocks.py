@@ -196,11 +196,14 @@ class Block:
     return (*lead, h * self.spec.stride, w * self.spec.stride, self.spec.in_channels)
 
   def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The output shape for an input shape (by abstract evaluation)."""
-    return jax.eval_shape(self, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)).shape
+    """The output shape for an input shape (by abstract evaluation, cached by ``jit`` per spec and shapes)."""
+    return _forward.eval_shape(self, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)).shape
 
   def with_params(self, params: dict) -> "Block":
     return Block(params=params, spec=self.spec)
+
+
+_forward = jax.jit(lambda block, x: block(x))
 
 
 @flax.struct.dataclass

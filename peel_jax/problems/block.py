@@ -274,11 +274,19 @@ def _fast_path(block, y, st: engine.State, config: SolverConfig, box):
   below ``tol``."""
   fp_config = dataclasses.replace(config, max_iters=config.fast_path_iters, tol=config.tol / FAST_PATH_MARGIN)
   fp = engine.solve(FIXED_POINT, fp_config, st.u, y, BlockShared(block, box), method=anderson.ANDERSON)
-  solved = fp.best_merit <= config.tol
+  return (_adopt if engine.is_traced(st, fp) else _adopt_jit)(st, fp, config.tol)
+
+
+def _adopt(st: engine.State, fp: engine.State, tol):
+  """``(st, solved, fp.k)``: ``st`` with the fixed point's best iterate adopted, and frozen, where it solved."""
+  solved = fp.best_merit <= tol
   pick = lambda a, b: jax.tree_util.tree_map(lambda p, q: jnp.where(engine.bcast(solved, p), p, q), a, b)
   st = st._replace(u=pick(fp.best_u, st.u), best_u=pick(fp.best_u, st.best_u),
                    best_merit=jnp.where(solved, fp.best_merit, st.best_merit), done=st.done | solved)
   return st, solved, fp.k
+
+
+_adopt_jit = jax.jit(_adopt)
 
 
 def solve_batch(block: Block, y, x0, key, config: SolverConfig, box=None):
@@ -293,9 +301,16 @@ def solve_batch(block: Block, y, x0, key, config: SolverConfig, box=None):
     st, solved, fp_iters = _fast_path(block, y, st, config, box_arr)
   st = engine.run(PROBLEMS[config.formulation], block_method(block, config), config, y, BlockShared(block, box_arr),
                   st)
-  x_hat, inf = finalize(block, y, st, config, box_arr)
+  return (_report if traced else _report_jit)(block, y, st, config, box_arr, solved, fp_iters)
+
+
+def _report(block, y, st: engine.State, config: SolverConfig, box, solved, fp_iters):
+  x_hat, inf = finalize(block, y, st, config, box)
   path = jnp.where(solved, _info.PATH_FIXED_POINT, _info.PATH_AL).astype(jnp.int32)
   return x_hat, inf._replace(iterations=inf.iterations + fp_iters, path=path)
+
+
+_report_jit = jax.jit(_report, static_argnames=("config",))  # eagerly, its vmapped checks cost ~20 ms per call
 
 
 def finalize(block, y, st: engine.State, config: SolverConfig, box):

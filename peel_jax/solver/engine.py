@@ -322,11 +322,18 @@ def resolve_driver(config: SolverConfig, *trees) -> str:
   return "python" if jax.default_backend() == "cpu" else "while_loop"
 
 
+@jax.jit
+def _finished(st: State) -> jax.Array:
+  # Jitted: the same three operations dispatched eagerly measured 5 ms per check here, against 0.4 ms for a whole
+  # fixed-point step of a small block.
+  return jnp.all(st.done | (st.k >= st.budget))
+
+
 def run(problem: Problem, method: Method, config: SolverConfig, data, shared, st: State) -> State:
   """Drives ``st`` until every image is done or has spent its budget."""
   if resolve_driver(config, data, shared, st) == "while_loop":
     return (run_while if is_traced(data, shared, st) else solve_while)(problem, method, config, data, shared, st)
-  while not jax.device_get(jnp.all(st.done | (st.k >= st.budget))):
+  while not jax.device_get(_finished(st)):
     st = iterate_batch(problem, method, config, data, shared, st, steps=config.steps_per_call)
   return st
 
