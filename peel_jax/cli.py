@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="start of the refinement: the block-wise estimate, or per image the better (by observation "
                         "residual) of it and a Mahendran-Vedaldi estimate")
   inv.add_argument("--certify", action="store_true", help="report each block's determinacy (certify_block)")
+  inv.add_argument("--certify-lanczos", type=int, default=32, metavar="K",
+                   help="Lanczos steps of the network certificate (certify_network, always written to metrics.json "
+                        "as 'network_certificate'); 0: the counts only")
 
   demo = sub.add_parser("demo", help="the attack on a bundled face photo, from every stage output")
   demo.add_argument("--out", default="peel-jax-demo", help="output directory (default: ./peel-jax-demo)")
@@ -250,6 +253,8 @@ def _invert(args) -> int:
     raise BadInput(f"--size must be a positive multiple of 32, got {args.size}")
   if args.refine < 0:
     raise BadInput(f"--refine must be >= 0, got {args.refine}")
+  if args.certify_lanczos < 0:
+    raise BadInput(f"--certify-lanczos must be >= 0, got {args.certify_lanczos}")
   from peel_jax import images, models
   from peel_jax.inversion.plan import invertible_layers
 
@@ -287,8 +292,11 @@ def _invert(args) -> int:
       model, variables, feats[args.layer], args.layer, config=net, key=jax.random.key(args.seed),
       true_features=feats, image=x, progress=sys.stderr.isatty())
   seconds = time.perf_counter() - t0
+  certificate = peel_jax.certify_network(model, variables, feats[args.layer], args.layer, x_hat,
+                                         key=jax.random.key(args.seed), lanczos_iters=args.certify_lanczos)
   recovered = images.denormalize(x_hat[0])
   metrics = report.to_dict()
+  metrics["network_certificate"] = certificate.to_dict()
   metrics.update(
       arch=args.arch, variant=args.variant, layer=args.layer, size=args.size, seed=args.seed,
       weights=None if args.weights is None else os.path.abspath(args.weights),
@@ -307,6 +315,9 @@ def _invert(args) -> int:
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   print(report.summary())
+  cert = metrics["network_certificate"]
+  print(f"certificate from {args.layer}: {cert['status']} ({cert['informative_values']} informative values for "
+        f"{cert['pixels']} pixel values; null-space dimension >= {cert['null_dim_bound']})")
   print(f"wrote {os.path.join(args.out, 'metrics.json')}, reconstruction.png, recovered.png, blocks.png")
   return 0
 

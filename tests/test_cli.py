@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from peel_jax import images, models, port
+from peel_jax._certify_network import STATUSES
 from peel_jax.cli import main
 
 # A tiny, fast case: paper variant (no stem pool), 64x64, small branches, few solver iterations.
@@ -51,6 +52,11 @@ def test_invert_writes_metrics_and_figures(tmp_path, image_file, capsys):
     assert {"name", "input_rel_error", "residual", "iterations", "converged"} <= set(b)
   assert m["psnr"] > 30.0
   assert m["weights"] is None and "random" in m["init"]
+  # The network certificate at the reconstruction: the counts are exact (no stem pool: 64 channels x 32 x 32
+  # observed values, all of them equations) and the status is one of the documented ones.
+  cert = m["network_certificate"]
+  assert cert["pixels"] == 64 * 64 * 3 and cert["observed_values"] == 64 * 32 * 32
+  assert cert["null_dim_bound"] == 0 and cert["status"] in STATUSES
   for png in ("blocks.png", "reconstruction.png", "recovered.png"):
     with open(out / png, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
