@@ -14,6 +14,12 @@ equality is ``f(x) = y``. Equalities and inequalities are scaled by ``1 / s`` an
 Lagrangian (:mod:`peel_jax.solver.engine`); the box by projection. The merit (best iterate, convergence) is the
 observation residual ``||f(x) - y|| / ||y||``.
 
+Observed at a max-pooled ReLU stem's output (``'maxpool'`` of a torchvision ResNet), a gradient through the pool
+reaches only each window's current argmax, and the equality ``f(x) = y`` stalls at 1.5-4% observation residual
+there. :func:`natural_preimage` then solves the same problem with each window's maximum chosen as a discrete variable
+(:mod:`peel_jax.problems.pool_choice`: linear constraints per choice, the choice updated between rounds), which is
+exact on the tiny test network. Past the pool (``'layer1'`` ...) the equality through the pool is still used.
+
 Where the observation determines the image, every feasible ``x`` is the image and the prior only steers the path;
 where it does not (fewer informative values than pixels, :func:`peel_jax.certify_network`), this picks, among the
 exact preimages, the smoothest: a data-free choice, never the truth. Measurements: ``benchmarks/RESULTS.md``.
@@ -121,7 +127,8 @@ def split_point(model, variables, layer: str):
 
 
 def natural_preimage(model, variables, layer: str, observed, x0, *, box=None, lambda_tv: float = 1e-3,
-                     pixel_scale: float = 1.0, config: SolverConfig | None = None, iters: int = 40):
+                     pixel_scale: float = 1.0, config: SolverConfig | None = None, iters: int = 40,
+                     choice: Any = "auto"):
   """Solves ``min R_tv(x) s.t. f(x) = observed`` per image from ``x0`` (see the module docstring).
 
   Args:
@@ -133,25 +140,54 @@ def natural_preimage(model, variables, layer: str, observed, x0, *, box=None, la
     pixel_scale: ``B``, the largest magnitude of a valid pixel value (sets ``V = B / 6.5``).
     config: ``cg_iters``, ``damping``, ``rho``, ``inner_iters``, ``tol``, ``driver`` (``max_iters``: ``iters``).
     iters: iteration budget per image (>= 1).
+    choice: where ``layer`` is a max-pooled ReLU stem's output (:func:`peel_jax.problems.pool_choice.applies`),
+      ``'auto'`` chooses the window maxima with the default :class:`peel_jax.problems.pool_choice.ChoiceSchedule`,
+      a ``ChoiceSchedule`` with that one, and ``None`` keeps the equality through the pool. Ignored elsewhere.
+      The choice measured best at ``config.rho`` 100 and ``cg_iters`` 10-15 (``benchmarks/RESULTS.md``).
 
   Returns:
     ``(x, iterations, observation_residual)``: the best iterate by observation residual ``(N, H, W, 3)``, the
     iterations and the residual per image ``(N,)``.
 
   Raises:
-    ValueError: ``lambda_tv`` not positive, or ``iters`` < 1.
+    ValueError: ``lambda_tv`` not positive, ``iters`` < 1, or a ``choice`` that is neither ``'auto'``, ``None``
+      nor a ``ChoiceSchedule`` (or has a field < 1).
   """
   if not lambda_tv > 0:
     raise ValueError(f"lambda_tv must be > 0, got {lambda_tv!r}")
   if int(iters) < 1:
     raise ValueError(f"iters must be >= 1, got {iters!r}")
+  schedule = _schedule(choice)
   config = SolverConfig() if config is None else config
   lo, hi = engine.box_bounds(box, x0.shape[1:], x0.dtype)
-  before, last = split_point(model, variables, layer)
   hw = x0.shape[1] * x0.shape[2]
   weight = jnp.asarray((lambda_tv / hw) ** 0.5 * TV_RATIO / pixel_scale, x0.dtype)
+  x0 = jnp.clip(x0, lo[None], hi[None])
+  if schedule is not None and _pool_choice().applies(model, layer):
+    from peel_jax import blocks as _blocks
+
+    return _pool_choice().choose_maxima(_blocks.stem_block(model, variables), observed, x0, lo, hi, weight, config,
+                                        iters=int(iters), schedule=schedule)
+  before, last = split_point(model, variables, layer)
   net = PreimageNet(variables, last, lo, hi, weight, model, layer, before)
   scale = jnp.maximum(jnp.sqrt(jnp.sum(observed * observed, axis=tuple(range(1, observed.ndim)))), 1e-30)
-  st = engine.solve(NATURAL_PREIMAGE, config, jnp.clip(x0, lo[None], hi[None]), PreimageData(observed, scale), net,
+  st = engine.solve(NATURAL_PREIMAGE, config, x0, PreimageData(observed, scale), net,
                     method=engine.LM, budget=int(iters))
   return st.best_u, st.k, st.best_merit
+
+
+def _pool_choice():
+  from peel_jax.problems import pool_choice  # imports this module (tv_vector): imported on use
+
+  return pool_choice
+
+
+def _schedule(choice):
+  """The :class:`~peel_jax.problems.pool_choice.ChoiceSchedule` of ``choice``, or ``None``."""
+  if choice is None:
+    return None
+  if isinstance(choice, str) and choice == "auto":
+    return _pool_choice().ChoiceSchedule()
+  if isinstance(choice, _pool_choice().ChoiceSchedule):
+    return choice.validate()
+  raise ValueError(f"choice must be 'auto', None or a ChoiceSchedule, got {choice!r}")
