@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 from peel_jax.solver import engine
 
-WINDOW = 8
+WINDOW = 3
 DIVERGENCE_FACTOR = 1e4
 REG = 1e-6
 FLOOR_BAND = 100.0
