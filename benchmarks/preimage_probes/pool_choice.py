@@ -46,6 +46,14 @@ ap.add_argument("--kick", type=float, default=0.0, help="mult rule: fraction of 
 ap.add_argument("--freeze", type=int, default=0, help="no re-choice from this round on (0: never frozen)")
 ap.add_argument("--commit-rounds", type=int, default=0, help="commit linearly: all undecided windows by this round")
 ap.add_argument("--reset", action="store_true", help="fresh multipliers every round")
+ap.add_argument("--net", default="tiny", choices=["tiny", "resnet18"])
+ap.add_argument("--images", default="astronaut,coffee")
+ap.add_argument("--library", action="store_true",
+                help="run peel_jax.problems.preimage.natural_preimage (the library) and M-V at the same wall time")
+ap.add_argument("--lib-iters", type=int, default=200)
+ap.add_argument("--tol", type=float, default=5e-5)
+ap.add_argument("--schedule", default="10,8,12", help="library mode: round_iters,commit_rounds,freeze_round")
+ap.add_argument("--mv-lams", default="1e-3,1e-2", help="library mode: M-V lambda_tv values of the equal-time baseline")
 ap.add_argument("--oracle", action="store_true", help="diagnostic only: solve with the true choice")
 A = ap.parse_args()
 layer, rounds, iters, start, rule, size, rho, cg = A.layer, A.rounds, A.iters, A.start, A.rule, A.size, A.rho, A.cg
@@ -150,9 +158,11 @@ def merit(x, d, sh):
 
 PROBLEM = engine.Problem(residual=None, bounds=bounds, merit=merit, objective=objective, terms=terms)
 
-img = np.stack([images.bundled("astronaut", size), images.bundled("coffee", size)])
+img = np.stack([images.bundled(name, size) for name in A.images.split(",")])
 x_true = jnp.asarray(images.normalize(img))
-model = models.ResNet(stage_sizes=(1,))
+model = models.ResNet(stage_sizes=(1,)) if A.net == "tiny" else models.resnet18()
+if A.net != "tiny" and layer != "maxpool" and not A.library:
+  raise SystemExit("the probe's own layer1 formulation is the tiny net's (one block); use --library")
 v = model.init(jax.random.key(0), x_true[:1])
 y = features(model, v, x_true, layer)[layer]
 stem = blocks.stem_block(model, v)
@@ -190,9 +200,36 @@ x0 = jnp.clip(x0, lo[None], hi[None])
 t_start = time.perf_counter() - t0
 tv = lambda t: np.asarray(objective_terms(model, v, y, layer, t)["tv"])
 psnr = lambda t: np.asarray(metrics.image_metrics(images.denormalize(t), images.denormalize(x_true))["psnr"])
-obs = lambda t: np.asarray(jax.vmap(lambda xi, yi, si: jnp.linalg.norm(forward(xi, sh) - yi) / si)(t, y, scale))
+obs = lambda t: np.asarray(jnp.linalg.norm((features(model, v, t, layer)[layer] - y).reshape(n, -1), axis=1) / scale)
 print(f"start {start} ({t_start:.1f}s): residual {obs(x0)} psnr {psnr(x0)} tv {tv(x0)}; true tv {tv(x_true)}",
       flush=True)
+
+if A.library:  # the library's solve, then Mahendran-Vedaldi given the same wall time (start included)
+  from peel_jax.problems.pool_choice import ChoiceSchedule
+  from peel_jax.problems.preimage import natural_preimage
+
+  def report(label, t, secs, extra=""):
+    print(f"{label}: residual {obs(t)} psnr {psnr(t)} tv {tv(t)} (true {tv(x_true)}) {secs:.1f}s {extra}", flush=True)
+
+  t1 = time.perf_counter()
+  xh, k, res = natural_preimage(model, v, layer, y, x0, box=(lo, hi), lambda_tv=lam_tv, pixel_scale=B,
+                                config=SolverConfig(tol=A.tol, cg_iters=cg, rho=rho), iters=A.lib_iters,
+                                choice=ChoiceSchedule(*(int(t) for t in A.schedule.split(","))))
+  res.block_until_ready()
+  t_ours = t_start + time.perf_counter() - t1
+  report("ours (start included)", xh, t_ours, f"iters {np.asarray(k)}")
+  if not A.mv_lams:
+    raise SystemExit(0)
+  t1 = time.perf_counter()
+  mahendran_vedaldi(model, v, y, layer, key=jax.random.key(1), steps=50)[0].block_until_ready()
+  per_step = (time.perf_counter() - t1) / 50
+  steps = max(1, int(t_ours / per_step))
+  for lam in [float(t) for t in A.mv_lams.split(",") if t]:
+    t1 = time.perf_counter()
+    xm, _ = mahendran_vedaldi(model, v, y, layer, key=jax.random.key(1), steps=steps, lambda_tv=lam)
+    xm.block_until_ready()
+    report(f"M-V lambda_tv {lam:g}, {steps} steps", xm, time.perf_counter() - t1)
+  raise SystemExit(0)
 
 
 def pick(x):
