@@ -19,9 +19,10 @@ observation residual (``benchmarks/RESULTS.md``). Here the choice is a discrete 
 
 The choice is narrowed by the observation alone. The true argmax of ``w`` lies in ``C(w) = {p in w : U_p = m_w}``.
 Where ``m_w`` equals exactly the value of an overlapping window, the shared maximum sits in their overlap: two
-different pre-pool values being equal floats is a coincidence. The exception is two identical receptive fields
-(a flat patch), and then the overlap holds the value too. So the candidates are the members of ``C(w)`` shared
-with the most exactly-tied neighbours (:func:`candidates`). Measured on the tiny test network, astronaut and coffee
+different pre-pool values being equal floats is a coincidence. The exception is identical receptive fields (flat
+or saturated patches). There the narrowing can drop the true argmax, unless the flat region also covers the
+overlap; the merit, the true observation residual, then shows the failure. So the candidates are the members of
+``C(w)`` shared with the most exactly-tied neighbours (:func:`candidates`). Measured on the tiny test network, astronaut and coffee
 at 96 px: 4.2 -> 2.8 candidates per window, about a third of the windows left with one, and the true argmax kept
 in every window.
 
