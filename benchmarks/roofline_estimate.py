@@ -263,7 +263,8 @@ def fast_path_rows(plan: Plan, ceilings: dict, args) -> list[dict]:
 
 
 def fast_path_markdown(rows: list[dict], peak_gflops: float) -> str:
-  lines = ["| configuration | program | GFLOP | measured | achieved GFLOP/s | fraction of peak |", "|---|---|---|---|---|---|"]
+  lines = ["| configuration | program | GFLOP | measured | achieved GFLOP/s | fraction of peak |",
+           "|---|---|---|---|---|---|"]
   for r in rows:
     for key, label in (("fixed_point_step", "one fixed-point step"), ("al_step", "one AL (LM) step")):
       p = r[key]

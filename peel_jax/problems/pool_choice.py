@@ -22,8 +22,8 @@ Where ``m_w`` equals exactly the value of an overlapping window, the shared maxi
 different pre-pool values being equal floats is a coincidence. The exception is identical receptive fields (flat
 or saturated patches). There the narrowing can drop the true argmax, unless the flat region also covers the
 overlap; the merit, the true observation residual, then shows the failure. So the candidates are the members of
-``C(w)`` shared with the most exactly-tied neighbours (:func:`candidates`). Measured on the tiny test network, astronaut and coffee
-at 96 px: 4.2 -> 2.8 candidates per window, about a third of the windows left with one, and the true argmax kept
+``C(w)`` shared with the most exactly-tied neighbours (:func:`candidates`). Measured on the tiny test network,
+astronaut and coffee at 96 px: 4.2 -> 2.8 candidates per window, about a third of the windows left with one, and the true argmax kept
 in every window.
 
 The rounds, each ``round_iters`` iterations of the engine's augmented Lagrangian with Levenberg-Marquardt

@@ -17,8 +17,8 @@ forward. A step gives up (the engine then ends the image unconverged) when the b
 :data:`WINDOW` steps, or the merit exceeds :data:`DIVERGENCE_FACTOR` times the best: a map that does not contract
 near the iterate costs about ``WINDOW`` forwards before the caller falls back to another method. Within
 :data:`FLOOR_BAND` times ``config.tol``, a step that lowers the merit by less than the factor :data:`FLOOR_PROGRESS`
-ends the image too: the iteration has reached the rounding floor of the arithmetic (a caller may ask for a ``tol`` below its own to get the most accurate
-iterate the iteration can give).
+ends the image too: the iteration has reached the rounding floor of the arithmetic (a caller may ask for a ``tol``
+below its own to get the most accurate iterate the iteration can give).
 """
 
 from __future__ import annotations
