@@ -174,11 +174,15 @@ def fixed_point_obstacle(block: Block) -> str | None:
   return None
 
 
+def _square(block: Block, config: SolverConfig) -> bool:
+  """The problem is ``x + F(x) = y`` over ``x`` alone: square, with a fixed-point form."""
+  return config.formulation == "reduced" and fixed_point_obstacle(block) is None
+
+
 def block_method(block: Block, config: SolverConfig) -> engine.Method:
   """The engine's update rule for ``block``: ``config.inner``, with ``'newton_gmres'`` on square blocks only
   (``y = x + F(x)``, reduced formulation) and Levenberg-Marquardt with CGLS on every other block."""
-  square = config.formulation == "reduced" and fixed_point_obstacle(block) is None
-  return engine.default_method(config, square)
+  return engine.default_method(config, _square(block, config))
 
 
 def residual_branch(block: Block, x):
@@ -261,10 +265,6 @@ _init_jit = jax.jit(init_batch, static_argnames=("config",))
 FAST_PATH_MARGIN = 100.0
 
 
-def _fast_path_applies(block: Block, config: SolverConfig) -> bool:
-  return config.fast_path == "auto" and config.formulation == "reduced" and fixed_point_obstacle(block) is None
-
-
 def _fast_path(block, y, st: engine.State, config: SolverConfig, box):
   """The fixed-point fast path from the AL start ``st``: ``(st, solved, iterations)``. Where the best fixed-point
   iterate solves the image (residual <= ``tol``) it becomes the image's result and the image is frozen (done); every
@@ -297,7 +297,7 @@ def solve_batch(block: Block, y, x0, key, config: SolverConfig, box=None):
   st = (init_batch if traced else _init_jit)(block, y, x0, keys, box_arr, config)
   solved = jnp.zeros(y.shape[:1], bool)
   fp_iters = jnp.zeros(y.shape[:1], jnp.int32)
-  if _fast_path_applies(block, config):
+  if config.fast_path == "auto" and _square(block, config):
     st, solved, fp_iters = _fast_path(block, y, st, config, box_arr)
   st = engine.run(PROBLEMS[config.formulation], block_method(block, config), config, y, BlockShared(block, box_arr),
                   st)
