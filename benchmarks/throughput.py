@@ -271,7 +271,8 @@ def network_gflop(model, variables, report, feats: dict, config: peel_jax.Solver
 def _network_fn(model, variables, obs, img, layer: str, config, driver: str, jit: bool):
   """``(fn, compile_s, xla_cost)``: a call of the backward pass with this API (``NetworkConfig`` if it exists)."""
   if hasattr(peel_jax, "NetworkConfig"):
-    net = peel_jax.NetworkConfig(block=config, driver=driver)
+    paper = getattr(peel_jax.NetworkConfig, "blockwise", peel_jax.NetworkConfig)  # the block-wise pass alone
+    net = paper(block=config, driver=driver)
     if jit:
       f = jax.jit(lambda v, o: peel_jax.invert_network(model, v, o, layer, config=net))
       t0 = time.perf_counter()

@@ -3,13 +3,16 @@
 For every observed layer and every method, a batch of private images is pushed through the target network to that
 layer, and the method rebuilds the images from the output alone. Methods:
 
-* ``peel``: :func:`peel_jax.invert_network`, block by block, deepest first (the paper's attack, our solver).
-* ``peel_refined``: ``peel`` followed by ``refine_iters`` iterations of end-to-end refinement on the pixels
-  (ours, beyond the paper: it repairs what stride-2 blocks lose block-wise).
-* ``peel_hybrid``: ``peel``, then the refinement started per image from whichever of the block-wise estimate and
-  the ``mahendran_vedaldi`` estimate reproduces the observation better (``refine_start='best'``; the choice sees the
-  observation only). Where block-wise inversion is exact it keeps it; where stride-2 blocks lost the input it
-  starts from the prior-regularised estimate and polishes it towards an exact preimage, with no prior.
+* ``peel``: our strongest attack, :func:`peel_jax.invert_network` with its default :class:`peel_jax.NetworkConfig`:
+  the block-wise pass, then ``peel_iters`` iterations towards an exact preimage from the better (by observation
+  residual) of the block-wise and the ``mahendran_vedaldi`` estimate, with the total-variation prior on the images
+  the counts leave underdetermined (``prior='auto'``).
+* ``peel_blockwise``: the paper's attack with our solver: block by block, deepest first, nothing after.
+* ``peel_refined``: ``peel_blockwise`` followed by ``refine_iters`` iterations of prior-free end-to-end refinement on
+  the pixels (it repairs what stride-2 blocks lose block-wise).
+* ``peel_hybrid``: ``peel_refined`` started per image from whichever of the block-wise estimate and the
+  ``mahendran_vedaldi`` estimate reproduces the observation better (the choice sees the observation only), with no
+  prior.
 * ``authors``: the same backward pass with the PEEL authors' own at-scale block solver
   (:func:`peel_jax.baselines.authors_penalty`: fixed quadratic penalty 1e2, Adam lr 0.01, ``authors_steps`` steps,
   ``p, n`` clamped at zero, start ``1e-3 N(0, I)``) in place of ours; a pooled stem is inverted by
@@ -42,7 +45,7 @@ import numpy as np
 
 from experiments import _harness as H
 
-METHODS = ("peel", "peel_refined", "peel_hybrid", "authors", "mahendran_vedaldi")
+METHODS = ("peel", "peel_blockwise", "peel_refined", "peel_hybrid", "authors", "mahendran_vedaldi")
 VARIANTS = ("paper", "torchvision")
 
 
@@ -66,13 +69,16 @@ class AttackConfig:
   layers: tuple[str, ...] = dataclasses.field(default=("layer1", "layer2", "layer3", "layer4"), metadata={
       "help": "observed layers"})
   methods: tuple[str, ...] = dataclasses.field(
-      default=("peel", "peel_hybrid", "authors", "mahendran_vedaldi"), metadata={"help": f"of {METHODS}"})
+      default=("peel", "peel_blockwise", "authors", "mahendran_vedaldi"), metadata={"help": f"of {METHODS}"})
   max_iters: int = dataclasses.field(default=30, metadata={"help": "PEEL solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "PEEL CG iterations per LM step"})
+  peel_iters: int = dataclasses.field(default=200, metadata={
+      "help": "iterations towards an exact preimage after the block-wise pass, method peel"})
   refine_iters: int = dataclasses.field(default=40, metadata={
       "help": "end-to-end iterations of peel_refined and peel_hybrid"})
   authors_steps: int = dataclasses.field(default=1000, metadata={"help": "Adam steps per block, authors' solver"})
-  mv_steps: int = dataclasses.field(default=400, metadata={"help": "gradient steps of mahendran_vedaldi"})
+  mv_steps: int = dataclasses.field(default=400, metadata={
+      "help": "gradient steps of mahendran_vedaldi (also the start of peel and peel_hybrid)"})
   eval_weights: str | None = dataclasses.field(default=None, metadata={
       "help": "evaluation network state_dict (KNN distance, attack accuracy); default seeded random"})
   eval_arch: str = dataclasses.field(default="resnet18", metadata={"help": "evaluation network architecture"})
@@ -86,7 +92,7 @@ class AttackConfig:
       raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
     if self.size < 32 or self.size % 32:
       raise ValueError(f"--size must be a positive multiple of 32, got {self.size}")
-    for name in ("images", "batch_size", "max_iters", "cg_iters", "authors_steps", "mv_steps"):
+    for name in ("images", "batch_size", "max_iters", "cg_iters", "authors_steps", "mv_steps", "peel_iters"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not self.layers:
@@ -142,14 +148,13 @@ def _invert(method: str, config: AttackConfig, model, variables, observed, layer
   if method == "mahendran_vedaldi":
     x_hat, info = mahendran_vedaldi(model, variables, observed, layer, key=key, steps=config.mv_steps)
     return x_hat, None, np.asarray(info.residual)
-  kw = {}
-  if method == "authors":
-    kw["block_solver"] = functools.partial(authors_penalty, steps=config.authors_steps)
-  if method in ("peel_refined", "peel_hybrid"):
-    kw["refine_iters"] = config.refine_iters
-  if method == "peel_hybrid":
-    kw["refine_start"] = "best"
-  net = peel_jax.NetworkConfig(block=solver, **kw)
+  if method == "peel":
+    net = peel_jax.NetworkConfig(block=solver, refine_iters=config.peel_iters, mv_steps=config.mv_steps)
+  else:
+    kw = {"peel_refined": {"refine_iters": config.refine_iters},
+          "peel_hybrid": {"refine_iters": config.refine_iters, "refine_start": "best", "mv_steps": config.mv_steps},
+          "authors": {"block_solver": functools.partial(authors_penalty, steps=config.authors_steps)}}.get(method, {})
+    net = peel_jax.NetworkConfig.blockwise(block=solver, **kw)
   x_hat, report = peel_jax.invert_network(model, variables, observed, layer, key=key, config=net, image=image)
   return x_hat, report, np.asarray(report.observation_residual)
 

@@ -190,7 +190,7 @@ def run(config: Config, run: H.Run) -> dict:
       observed = jnp.maximum(observed, 0.0)
     t0 = time.perf_counter()
     x_hat, report = peel_jax.invert_network(model, variables, observed, layer, key=key,
-                                            config=peel_jax.NetworkConfig(block=solver), true_features=feats, image=x)
+                                            config=peel_jax.NetworkConfig.blockwise(block=solver), true_features=feats, image=x)
     seconds = (time.perf_counter() - t0) / n
     x_hat = np.asarray(x_hat)[:n]
     rf, _ = metrics.evaluation_embeddings(evaluator, eval_vars, jnp.asarray(x_hat))

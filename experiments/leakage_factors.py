@@ -198,7 +198,7 @@ def run(config: Config, run: H.Run) -> dict:
     model, variables, feats = built[setting]
     t0 = time.perf_counter()
     x_hat, report = peel_jax.invert_network(model, variables, feats[layer], layer, key=jax.random.key(config.seed),
-                                            config=peel_jax.NetworkConfig(block=solver), true_features=feats,
+                                            config=peel_jax.NetworkConfig.blockwise(block=solver), true_features=feats,
                                             image=x)
     seconds = (time.perf_counter() - t0) / n
     rows = []

@@ -213,6 +213,16 @@ def _image_shape(model, variables, layer: str, obs_shape) -> tuple[int, int, int
   return shape
 
 
+def informative_values(model, layer: str, observed: jax.Array) -> jax.Array:
+  """``(N,)`` int32: per image, the observed values that are equations (the non-zero ones behind a ReLU, every one
+  elsewhere; the module docstring). Traceable. The observation cannot determine an image with fewer of them than
+  pixel values."""
+  flat = observed.reshape(observed.shape[0], -1)
+  if is_gated(model, layer):
+    return jnp.sum(flat != 0, axis=1, dtype=jnp.int32)
+  return jnp.full(flat.shape[:1], flat.shape[1], jnp.int32)
+
+
 def _counts(observed: jax.Array, gated: bool, pixels: int):
   """``(observed_values, nonzero_values, informative_values, null_dim_bound)`` per image."""
   n = observed.shape[0]

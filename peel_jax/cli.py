@@ -83,11 +83,16 @@ def _parser() -> argparse.ArgumentParser:
   inv.add_argument("--max-iters", type=int, default=None, help="solver iterations per block (default: the solver's)")
   inv.add_argument("--cg-iters", type=int, default=None, help="CG iterations per LM step (default: the solver's)")
   inv.add_argument("--driver", default="loop", choices=("loop", "scan"), help="block driver (loop: fastest on CPU)")
-  inv.add_argument("--refine", type=int, default=0, metavar="N",
-                   help="N iterations of end-to-end refinement after the block-wise pass (default 0)")
-  inv.add_argument("--refine-start", default="blockwise", choices=("blockwise", "best"),
+  default = _default_network_config()
+  inv.add_argument("--refine", type=int, default=default.refine_iters, metavar="N",
+                   help="N iterations towards an exact preimage after the block-wise pass (default "
+                        f"{default.refine_iters}; 0: the paper's block-wise attack alone)")
+  inv.add_argument("--refine-start", default=default.refine_start, choices=("blockwise", "best"),
                    help="start of the refinement: the block-wise estimate, or per image the better (by observation "
-                        "residual) of it and a Mahendran-Vedaldi estimate")
+                        f"residual) of it and a Mahendran-Vedaldi estimate (default {default.refine_start})")
+  inv.add_argument("--prior", default=str(default.prior).lower(), choices=("none", "tv", "auto"),
+                   help="prior of the refinement: none, tv (the smoothest exact preimage), or auto (tv where the "
+                        f"counts leave the image underdetermined; default {str(default.prior).lower()})")
   inv.add_argument("--certify", action="store_true", help="report each block's determinacy (certify_block)")
   inv.add_argument("--certify-lanczos", type=int, default=32, metavar="K",
                    help="Lanczos steps of the network certificate (certify_network, always written to metrics.json "
@@ -286,8 +291,12 @@ def _invert(args) -> int:
   x = jnp.asarray(images.normalize(img))[None]
   feats = peel_jax.features(model, variables, x)
   t0 = time.perf_counter()
-  net = peel_jax.NetworkConfig(block=config, driver=args.driver, certify=args.certify, refine_iters=args.refine,
-                               refine_start=args.refine_start)
+  try:
+    net = peel_jax.NetworkConfig(block=config, driver=args.driver, certify=args.certify, refine_iters=args.refine,
+                                 refine_start=args.refine_start, prior=None if args.prior == "none" else args.prior)
+    net.validate()
+  except ValueError as e:
+    raise BadInput(str(e)) from None
   x_hat, report = peel_jax.invert_network(
       model, variables, feats[args.layer], args.layer, config=net, key=jax.random.key(args.seed),
       true_features=feats, image=x, progress=sys.stderr.isatty())
@@ -302,7 +311,8 @@ def _invert(args) -> int:
       weights=None if args.weights is None else os.path.abspath(args.weights),
       init="torchvision state_dict" if args.weights else f"random (flax default init, seed {args.seed})",
       branch_gain=args.branch_gain, image=args.image, seconds=seconds,
-      solver={"max_iters": config.max_iters, "cg_iters": config.cg_iters}, backend=jax.default_backend())
+      solver={"max_iters": config.max_iters, "cg_iters": config.cg_iters, "refine_iters": net.refine_iters,
+              "refine_start": net.refine_start, "prior": net.prior}, backend=jax.default_backend())
   tmp = _staging(args.out)
   try:
     _write_json(os.path.join(tmp, "metrics.json"), metrics)
@@ -395,6 +405,12 @@ def _audit(args) -> int:
     return command(args)
   except BadConfig as e:
     raise BadInput(str(e)) from None
+
+
+def _default_network_config():
+  from peel_jax.inversion.config import NetworkConfig  # light: no JAX computation at import
+
+  return NetworkConfig()
 
 
 def main(argv: list[str] | None = None) -> int:

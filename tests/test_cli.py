@@ -18,7 +18,7 @@ from peel_jax.cli import main
 
 # A tiny, fast case: paper variant (no stem pool), 64x64, small branches, few solver iterations.
 TINY = ["--variant", "paper", "--size", "64", "--layer", "layer1", "--branch-gain", "0.3", "--max-iters", "5",
-        "--cg-iters", "5", "--seed", "3"]
+        "--cg-iters", "5", "--seed", "3", "--refine", "2", "--refine-start", "blockwise"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,8 @@ def test_invert_writes_metrics_and_figures(tmp_path, image_file, capsys):
     assert {"name", "input_rel_error", "residual", "iterations", "converged"} <= set(b)
   assert m["psnr"] > 30.0
   assert m["weights"] is None and "random" in m["init"]
+  # The refinement ran with the default prior 'auto', which gives no prior here: the image is determined by count.
+  assert m["solver"]["prior"] == "auto" and m["refine"]["with_prior"] is False and m["null_dim_bound"] == 0
   # The network certificate at the reconstruction: the counts are exact (no stem pool: 64 channels x 32 x 32
   # observed values, all of them equations) and the status is one of the documented ones.
   cert = m["network_certificate"]
@@ -93,7 +95,7 @@ def _resnet18_weights(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("case", ["unknown_layer", "unreadable_image", "missing_image", "weights_other_arch",
-                                  "missing_weights", "bad_size", "unknown_arch"])
+                                  "missing_weights", "bad_size", "unknown_arch", "prior_without_refinement"])
 def test_bad_input_exits_2_with_one_line(case, tmp_path, image_file, capsys):
   out = tmp_path / "run"
   args = ["invert", "--image", image_file, "--out", str(out), "--size", "64", "--layer", "layer1"]
@@ -105,6 +107,7 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, image_file, capsys):
       "missing_weights": "not found",
       "bad_size": "multiple of 32",
       "unknown_arch": "unknown arch",
+      "prior_without_refinement": "needs refine_iters >= 1",
   }[case]
   if case == "unknown_layer":
     args += ["--layer", "layer7"]
@@ -122,6 +125,8 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, image_file, capsys):
     args += ["--size", "50"]
   elif case == "unknown_arch":
     args += ["--arch", "resnet7"]
+  elif case == "prior_without_refinement":
+    args += ["--prior", "tv", "--refine", "0"]
   assert main(args) == 2
   assert expect in _one_error_line(capsys)
   assert not out.exists()
@@ -132,7 +137,7 @@ def test_weights_of_the_right_arch_are_used(tmp_path, image_file):
   out = tmp_path / "run"
   weights = _resnet18_weights(tmp_path, ".safetensors")
   args = ["invert", "--image", image_file, "--out", str(out), "--size", "64", "--layer", "maxpool",
-          "--weights", weights, "--max-iters", "3", "--cg-iters", "3"]
+          "--weights", weights, "--max-iters", "3", "--cg-iters", "3", "--refine", "0"]
   assert main(args) == 0
   m = json.loads((out / "metrics.json").read_text())
   assert m["weights"] == os.path.abspath(weights) and m["variant"] == "torchvision"

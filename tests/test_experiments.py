@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOY = ["--seeds", "2", "--images", "3", "--authors-steps", "20"]
 ATTACK = ["--images", "1", "--size", "32", "--layers", "layer1", "--max-iters", "3", "--authors-steps", "3",
-          "--mv-steps", "3"]
+          "--mv-steps", "3", "--peel-iters", "3"]
 
 
 @pytest.fixture(autouse=True)

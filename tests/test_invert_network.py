@@ -53,7 +53,7 @@ def test_small_branch_paper_network_from_layer1_recovers_the_photo(photo96, smal
   model, v = small_branches
   feats = peel_jax.features(model, v, photo96)
   x_hat, report = peel_jax.invert_network(model, v, feats["layer1"], "layer1", image=photo96,
-                                          config=NetworkConfig(block=FAST, certify=True))
+                                          config=NetworkConfig.blockwise(block=FAST, certify=True))
   assert x_hat.shape == photo96.shape
   assert [b.name for b in report.blocks] == ["layer1.1", "layer1.0", "stem"]
   assert report.psnr[0] >= 30.0, report.summary()
@@ -76,7 +76,7 @@ def test_he_scale_reports_psnr_and_determinacy(photo96):
   model, v = _paper_net(photo96, 1.0)
   feats = peel_jax.features(model, v, photo96)
   _, report = peel_jax.invert_network(model, v, feats["layer1"], "layer1", image=photo96,
-                                      config=NetworkConfig(block=FAST, certify=True))
+                                      config=NetworkConfig.blockwise(block=FAST, certify=True))
   assert np.isfinite(report.psnr).all() and np.isfinite(report.ssim).all()
   for b in report.blocks[:2]:
     assert b.certificate is not None
@@ -93,7 +93,7 @@ def test_torchvision_network_report_matches_an_independent_recomputation(photo96
   v = model.init(jax.random.key(1), photo96)
   feats = peel_jax.features(model, v, photo96)
   y = feats["layer1"]
-  x_hat, report = peel_jax.invert_network(model, v, y, "layer1", image=photo96, config=NetworkConfig(block=FAST))
+  x_hat, report = peel_jax.invert_network(model, v, y, "layer1", image=photo96, config=NetworkConfig.blockwise(block=FAST))
   assert bool(jnp.all(jnp.isfinite(x_hat)))
   assert report.stem_method == "bounded"
   est = report.estimates
@@ -132,7 +132,7 @@ def test_scan_and_loop_drivers_agree():
   v = scale_branches(model.init(jax.random.key(2), x), 0.3)
   y = peel_jax.features(model, v, x, "layer1")["layer1"]
   cfg = peel_jax.SolverConfig(max_iters=4, cg_iters=5)
-  outs = {d: peel_jax.invert_network(model, v, y, "layer1", image=x, config=NetworkConfig(block=cfg, driver=d))
+  outs = {d: peel_jax.invert_network(model, v, y, "layer1", image=x, config=NetworkConfig.blockwise(block=cfg, driver=d))
           for d in ("loop", "scan")}
   (xl, rl), (xs, rs) = outs["loop"], outs["scan"]
   assert [b.name for b in rl.blocks] == [b.name for b in rs.blocks] == ["layer1.2", "layer1.1", "layer1.0", "stem"]
@@ -209,7 +209,7 @@ def test_refinement_from_the_better_start_never_explains_the_observation_worse()
   model, v = _paper_net(x, 0.3)
   feats = peel_jax.features(model, v, x)
   _, report = peel_jax.invert_network(model, v, feats["layer2"], "layer2", image=x,
-                                      config=NetworkConfig(block=FAST, refine_iters=3, refine_start="best"))
+                                      config=NetworkConfig(block=FAST, refine_iters=3, refine_start="best", prior=None))
   blockwise = report.refine["blockwise"]
   assert set(report.refine["start"]) <= {"blockwise", "mahendran_vedaldi"}
   assert np.all(report.observation_residual <= blockwise["observation_residual"] * (1 + 1e-6))
@@ -220,3 +220,29 @@ def test_refinement_from_the_better_start_never_explains_the_observation_worse()
   with pytest.raises(ValueError, match="refine_start"):
     peel_jax.invert_network(model, v, feats["layer2"], "layer2",
                             config=NetworkConfig(refine_iters=1, refine_start="magic"))
+
+
+def test_default_prior_acts_exactly_where_the_counts_leave_the_image_underdetermined(photo96):
+  """``prior='auto'`` (the default), on a one-block torchvision-style network at 96 px (27,648 pixel values): from
+  the stem's ``relu`` (about 70,000 non-zero values) the refinement is prior-free, bit for bit as ``prior=None``;
+  from ``layer1`` (about 18,000 non-zero of 36,864) it is the TV prior's, bit for bit as ``prior='tv'``. The report
+  carries the counts."""
+  model = models.ResNet(stage_sizes=(1,))
+  v = model.init(jax.random.key(0), photo96)
+  feats = peel_jax.features(model, v, photo96)
+  run = lambda layer, prior: peel_jax.invert_network(
+      model, v, feats[layer], layer, config=NetworkConfig(block=FAST, refine_iters=2, refine_start="blockwise",
+                                                          prior=prior))
+  for layer, same_as in (("relu", None), ("layer1", "tv")):
+    nonzero = int(jnp.sum(feats[layer] != 0))
+    x_auto, rep = run(layer, "auto")
+    x_same, rep_same = run(layer, same_as)
+    np.testing.assert_array_equal(x_auto, x_same)
+    np.testing.assert_array_equal(rep.refine.with_prior, [same_as == "tv"])
+    np.testing.assert_array_equal(rep.refine.with_prior, rep_same.refine.with_prior)
+    np.testing.assert_array_equal(rep.informative_values, [nonzero])
+    np.testing.assert_array_equal(rep.null_dim_bound, [max(0, 27648 - nonzero)])
+    assert (nonzero < 27648) == (same_as == "tv"), nonzero
+    assert rep.to_dict()["null_dim_bound"] == max(0, 27648 - nonzero)
+  assert NetworkConfig() == NetworkConfig(refine_iters=200, refine_start="best", prior="auto")
+  assert NetworkConfig.blockwise().refine_iters == 0 and NetworkConfig.blockwise().prior is None

@@ -37,11 +37,11 @@ def test_split_merit_is_the_observation_residual(tiny):
   y = features(model, variables, x, "layer1")["layer1"]
   before, last = preimage.split_point(model, variables, "layer1")
   assert before == "maxpool" and last is not None
-  net = preimage.PreimageNet(variables, last, box[0], box[1], jnp.float32(1.0), model, "layer1", before)
+  net = preimage.PreimageNet(variables, last, box[0], box[1], model, "layer1", before)
   x1 = _grey_start(box, x.shape)
   y1 = features(model, variables, x1, "layer1")["layer1"]
   for i in range(2):
-    d = preimage.PreimageData(y[i], jnp.linalg.norm(y[i]))
+    d = preimage.PreimageData(y[i], jnp.linalg.norm(y[i]), jnp.float32(1.0))
     assert float(preimage._merit(x[i], d, net)) < 1e-6
     want = float(jnp.linalg.norm(y1[i] - y[i]) / jnp.linalg.norm(y[i]))
     np.testing.assert_allclose(float(preimage._merit(x1[i], d, net)), want, rtol=1e-5)
@@ -153,8 +153,8 @@ def test_true_choice_is_feasible(tiny):
   """At the true image and its argmax, the equalities vanish and the inequalities hold (the formulation is exact)."""
   model, variables, x, box = tiny
   y = features(model, variables, x, "maxpool")["maxpool"]
-  net = pool_choice.ChoiceNet(blocks.stem_block(model, variables), box[0], box[1], jnp.float32(1.0))
-  d = pool_choice.start_data(y, (SIZE // 2, SIZE // 2))
+  net = pool_choice.ChoiceNet(blocks.stem_block(model, variables), box[0], box[1])
+  d = pool_choice.start_data(y, (SIZE // 2, SIZE // 2), jnp.ones((2,), jnp.float32))
   z = jax.vmap(pool_choice.pre_pool, in_axes=(0, None))(x, net)
   d = d._replace(a=jax.vmap(pool_choice.pick)(z, d.cand), active=y > 0)
   for i in range(2):

@@ -37,7 +37,7 @@ def _tiny(stem_pool="none", n=2):
 def test_jitted_whole_pass_agrees_with_the_loop_driver_and_does_not_retrace():
   model, v, x = _tiny()
   y = peel_jax.features(model, v, x, "layer1")["layer1"]
-  cfg = NetworkConfig(block=BLOCK, driver="scan", refine_iters=2)
+  cfg = NetworkConfig.blockwise(block=BLOCK, driver="scan", refine_iters=2)
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -45,7 +45,7 @@ def test_jitted_whole_pass_agrees_with_the_loop_driver_and_does_not_retrace():
     return peel_jax.invert_network(model, v, obs, "layer1", config=cfg)
 
   xj, rj = attack(y)
-  xl, rl = peel_jax.invert_network(model, v, y, "layer1", config=NetworkConfig(block=BLOCK, refine_iters=2))
+  xl, rl = peel_jax.invert_network(model, v, y, "layer1", config=NetworkConfig.blockwise(block=BLOCK, refine_iters=2))
   assert [b.name for b in rj.blocks] == [b.name for b in rl.blocks] == ["layer1.2", "layer1.1", "layer1.0", "stem"]
   for name in ("layer1.2", "layer1.1", "layer1.0"):
     np.testing.assert_allclose(rj.estimates[name], rl.estimates[name], rtol=1e-4, atol=1e-4)
@@ -64,7 +64,7 @@ def test_jitted_whole_pass_agrees_with_the_loop_driver_and_does_not_retrace():
 def test_jitted_pass_runs_the_pooled_stem_and_refuses_certification():
   model, v, x = _tiny(stem_pool="max", n=1)
   y = peel_jax.features(model, v, x, "maxpool")["maxpool"]
-  cfg = NetworkConfig(block=BLOCK, driver="scan")
+  cfg = NetworkConfig.blockwise(block=BLOCK, driver="scan")
   xj, rj = jax.jit(functools.partial(peel_jax.invert_network, model, v, layer="maxpool", config=cfg))(y)
   xe, re = peel_jax.invert_network(model, v, y, "maxpool", config=cfg)
   np.testing.assert_allclose(xj, xe, rtol=1e-4, atol=1e-4)
@@ -72,7 +72,7 @@ def test_jitted_pass_runs_the_pooled_stem_and_refuses_certification():
   y1 = peel_jax.features(model, v, x, "layer1")["layer1"]
   with pytest.raises(ValueError, match="certify"):
     jax.jit(functools.partial(peel_jax.invert_network, model, v, layer="layer1",
-                              config=NetworkConfig(block=BLOCK, driver="scan", certify=True)))(y1)
+                              config=NetworkConfig.blockwise(block=BLOCK, driver="scan", certify=True)))(y1)
 
 
 SHARDED = textwrap.dedent("""
@@ -89,7 +89,7 @@ SHARDED = textwrap.dedent("""
     v = scale_branches(model.init(jax.random.key(2), x), 0.3)
     y = peel_jax.features(model, v, x, "layer1")["layer1"]
     # Solves that converge (small branches, enough iterations): unconverged ones amplify rounding differences.
-    cfg = NetworkConfig(block=SolverConfig(max_iters=40, cg_iters=10), driver="scan")
+    cfg = NetworkConfig.blockwise(block=SolverConfig(max_iters=40, cg_iters=10), driver="scan")
     attack = jax.jit(functools.partial(peel_jax.invert_network, model, v, layer="layer1", config=cfg))
     xu, ru = attack(y)
     mesh = Mesh(np.array(jax.devices()), ("batch",))

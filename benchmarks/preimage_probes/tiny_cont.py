@@ -28,8 +28,8 @@ for a in slopes:
   m = model if a == 0 else models.ResNet(stage_sizes=(1,), activation="leaky_relu", negative_slope=a)
   from peel_jax import blocks
   lst = blocks.residual_block(m, v, 0, 0)
-  net = P.PreimageNet(v, lst, lo, hi, weight, m, layer, before)
-  st = engine.solve(P.NATURAL_PREIMAGE, cfg, xc, P.PreimageData(y, scale), net, method=engine.LM, budget=iters)
+  net = P.PreimageNet(v, lst, lo, hi, m, layer, before)
+  st = engine.solve(P.NATURAL_PREIMAGE, cfg, xc, P.PreimageData(y, scale, jnp.full(scale.shape, weight)), net, method=engine.LM, budget=iters)
   xc = st.u
   true_res = np.asarray(jnp.linalg.norm((features(model, v, xc, layer)[layer] - y).reshape(2, -1), axis=1) / scale)
   print(f"slope {a}: surrogate merit {np.asarray(st.merit)} true residual {true_res} psnr {metrics.image_metrics(images.denormalize(xc), images.denormalize(x))['psnr']} t {time.perf_counter()-t0:.0f}", flush=True)

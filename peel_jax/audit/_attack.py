@@ -6,7 +6,8 @@ certificate) changes this module and nothing else.
 Today's strongest attack (the demo's): :func:`peel_jax.invert_network`, PEEL's block-wise pass with ``max_iters``
 LM iterations per block, then ``refine`` iterations of end-to-end LM on the pixels, started per image from the
 better (by observation residual, never by the truth) of the block-wise estimate and a Mahendran-Vedaldi estimate
-(``refine_start='best'``). The certificate is the whole network's (:func:`peel_jax.certify_network`, at the
+(``refine_start='best'``), with the total-variation prior on the images whose observation does not determine them
+by count (``prior='auto'``, :class:`peel_jax.NetworkConfig`). The certificate is the whole network's (:func:`peel_jax.certify_network`, at the
 reconstruction): whether the observation determines the image.
 """
 
@@ -17,6 +18,7 @@ import dataclasses
 import numpy as np
 
 REFINE_START = "best"
+PRIOR = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Budget:
     from peel_jax import NetworkConfig, SolverConfig
 
     return NetworkConfig(block=SolverConfig(max_iters=self.max_iters, cg_iters=self.cg_iters),
-                         refine_iters=self.refine, refine_start=REFINE_START)
+                         refine_iters=self.refine, refine_start=REFINE_START, prior=PRIOR)
 
   def describe(self) -> str:
     text = (f"peel_jax.invert_network: PEEL's block-wise pass ({self.max_iters} LM iterations per block, "
@@ -42,7 +44,8 @@ class Budget:
     if self.refine:
       text += (f", then {self.refine} LM iterations end to end on the pixels, started per image from the better (by "
                "observation residual, never by the truth) of the block-wise estimate and a Mahendran-Vedaldi "
-               "estimate (total-variation prior)")
+               "estimate, towards the exact preimage of least total variation where the counts leave the image "
+               "underdetermined")
     return text + ("; whole-network certificate at the reconstruction (peel_jax.certify_network)" if self.certify
                    else "; no certificate")
 

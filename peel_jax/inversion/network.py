@@ -19,6 +19,7 @@ import numpy as np
 from peel_jax import images as _images
 from peel_jax import metrics as _metrics
 from peel_jax._certify import certify_block
+from peel_jax._certify_network import informative_values
 from peel_jax._features import features
 from peel_jax.inversion import plan as _plan
 from peel_jax.inversion.config import NetworkConfig
@@ -87,24 +88,45 @@ def _refine(model, variables, layer, observed, x_img, figures, key, cfg: Network
     from peel_jax.baselines.mahendran_vedaldi import mahendran_vedaldi
 
     x_mv, _ = mahendran_vedaldi(model, variables, observed, layer, key=jax.random.fold_in(key, 2**31 - 1),
-                                box=cfg.box)
+                                box=cfg.box, steps=cfg.mv_steps, lambda_tv=cfg.mv_lambda_tv)
     from_prior = _plan.observation_residual(model, variables, layer, x_mv, observed) < figures["observation_residual"]
     x_img = jnp.where(from_prior[:, None, None, None], x_mv, x_img)
-  x_img, k = _refine_solve(model, variables, layer, observed, x_img, cfg, box)
-  return x_img, RefineReport(iterations=k, seconds=clock.stop(x_img), from_prior=from_prior, blockwise=figures)
+  with_prior = _with_prior(model, layer, observed, x_img, cfg.prior)
+  x_img, k = _refine_solve(model, variables, layer, observed, x_img, cfg, box, with_prior)
+  return x_img, RefineReport(iterations=k, seconds=clock.stop(x_img), from_prior=from_prior, with_prior=with_prior,
+                             blockwise=figures)
 
 
-def _refine_solve(model, variables, layer, observed, x_img, cfg: NetworkConfig, box):
-  """``(x, iterations)``: the prior-free fit, or (``prior='tv'``) the smoothest exact preimage, from ``x_img``."""
-  if cfg.prior is None:
-    return refine_image(model, variables, layer, observed, x_img, box=box, config=cfg.stem_config,
-                        iters=cfg.refine_iters)
+def _with_prior(model, layer, observed, x_img, prior) -> jax.Array:
+  """``(N,)`` bool: the images the refinement gives the prior (``'auto'``: those the counts leave underdetermined)."""
+  n = observed.shape[0]
+  if prior is None or prior == "tv":
+    return jnp.full((n,), prior is not None)
+  return informative_values(model, layer, observed) < np.prod(x_img.shape[1:])
+
+
+def _refine_solve(model, variables, layer, observed, x_img, cfg: NetworkConfig, box, with_prior):
+  """``(x, iterations)``: the prior-free fit where no image gets the prior, else the smoothest exact preimage
+  (``lambda_tv`` 0 on the images without the prior), from ``x_img``."""
   from peel_jax.baselines.mahendran_vedaldi import pixel_scale
 
-  config = dataclasses.replace(cfg.stem_config, rho=cfg.prior_rho)
-  x, k, _ = natural_preimage(model, variables, layer, observed, x_img, box=box, lambda_tv=cfg.prior_weight,
-                             pixel_scale=pixel_scale(cfg.box), config=config, iters=cfg.refine_iters)
-  return x, k
+  def free(x):
+    return refine_image(model, variables, layer, observed, x, box=box, config=cfg.stem_config, iters=cfg.refine_iters)
+
+  def smoothest(x):
+    config = dataclasses.replace(cfg.stem_config, rho=cfg.prior_rho)
+    lam = jnp.where(with_prior, jnp.float32(cfg.prior_weight), jnp.float32(0.0))
+    x, k, _ = natural_preimage(model, variables, layer, observed, x, box=box, lambda_tv=lam,
+                               pixel_scale=pixel_scale(cfg.box), config=config, iters=cfg.refine_iters)
+    return x, k
+
+  if cfg.prior is None:
+    return free(x_img)
+  if cfg.prior == "tv":
+    return smoothest(x_img)
+  if not is_traced(with_prior):
+    return smoothest(x_img) if bool(np.any(np.asarray(with_prior))) else free(x_img)
+  return jax.lax.cond(jnp.any(with_prior), smoothest, free, x_img)
 
 
 def _certificates(solved: list[Solved], key, cfg: NetworkConfig):
@@ -139,8 +161,12 @@ def invert_network(model, variables, observed: jax.Array, layer: str, *, config:
 
   The paper's backward pass: for the deepest observed block down to ``layer1.0``, ``x_b = argmin`` of block ``b``'s
   problem (:mod:`peel_jax.problems.block`) at the observation ``y_b = x_{b+1}``; then the stem
-  (:mod:`peel_jax.problems.stem`); then, if ``config.refine_iters``, ``min_x ||f(x) - observed||^2`` over the pixel
-  box (:mod:`peel_jax.problems.refine`). With ``config.driver='scan'`` the whole pass is traceable:
+  (:mod:`peel_jax.problems.stem`); then, if ``config.refine_iters`` (the default: 200), a solve towards an exact
+  preimage over the pixel box from the better start by observation residual (block-wise or Mahendran-Vedaldi):
+  ``min_x ||f(x) - observed||^2`` (:mod:`peel_jax.problems.refine`) where the observation determines the image by
+  count, ``min R_tv(x) s.t. f(x) = observed`` (:mod:`peel_jax.problems.preimage`) where it does not
+  (``config.prior``). ``NetworkConfig.blockwise()`` is the paper's attack alone. With ``config.driver='scan'`` the
+  whole pass is traceable:
   ``jax.jit(functools.partial(invert_network, model, variables, layer=L, config=cfg))(observed)``.
 
   Args:
@@ -183,7 +209,10 @@ def invert_network(model, variables, observed: jax.Array, layer: str, *, config:
   if cfg.refine_iters > 0:
     x_img, refine = _refine(model, variables, layer, observed, x_img, figures, key, cfg, box)
     figures = _figures(model, variables, layer, x_img, observed, image)
-  report = NetworkReport(blocks=reports, seconds=clock.stop(x_img), refine=refine,
+  informative = informative_values(model, layer, observed)
+  null_bound = jnp.maximum(0, np.prod(x_img.shape[1:]) - informative)
+  report = NetworkReport(blocks=reports, seconds=clock.stop(x_img), refine=refine, informative_values=informative,
+                         null_dim_bound=null_bound,
                          estimates={r.name: r.x_hat for r in solved}, layer=layer, driver=cfg.driver,
                          stem_method="none" if stem.spec.pool == "none" else cfg.stem_method, **figures)
   if not is_traced(x_img):

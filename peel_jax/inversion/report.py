@@ -88,11 +88,13 @@ class BlockReport:
 @flax.struct.dataclass
 class RefineReport:
   """The end-to-end refinement: ``iterations`` per image, ``seconds``, ``from_prior`` (per image: the start was the
-  Mahendran-Vedaldi estimate) and ``blockwise``: the block-wise pass's ``observation_residual``, ``mse``, ``psnr``,
+  Mahendran-Vedaldi estimate), ``with_prior`` (per image: the refinement minimised the total-variation prior over
+  the exact preimages) and ``blockwise``: the block-wise pass's ``observation_residual``, ``mse``, ``psnr``,
   ``ssim`` before it. ``report.refine['start']`` etc. also work (dict-style access)."""
 
   iterations: Any
   from_prior: Any
+  with_prior: Any
   blockwise: dict
   seconds: float = static(default=float("nan"))
 
@@ -105,7 +107,7 @@ class RefineReport:
 
   def to_dict(self) -> dict:
     return {"iterations": int(np.max(np.asarray(self.iterations))), "seconds": jsonable(_seconds(self.seconds)),
-            "start": first(self.start), "blockwise": {k: first(jsonable(v)) for k, v in self.blockwise.items()}}
+            "start": first(self.start), "with_prior": first(jsonable(self.with_prior)), "blockwise": {k: first(jsonable(v)) for k, v in self.blockwise.items()}}
 
 
 @flax.struct.dataclass
@@ -115,6 +117,10 @@ class NetworkReport:
   Attributes:
     blocks: :class:`BlockReport` per inverted block, in inversion order.
     observation_residual: ``||f(x_img) - observed|| / ||observed||`` per image (``f``: the network up to ``layer``).
+    informative_values, null_dim_bound: per image, the observed values that are equations and the lower bound
+      ``max(0, pixel values - informative_values)`` on the dimension of the Jacobian's null space at every exact
+      preimage (the counts of :func:`peel_jax.certify_network`; a positive bound: the observation does not
+      determine the image).
     mse, psnr, ssim: per image against the original on de-normalised ``[0, 1]`` images (``None`` without it).
     seconds: total wall time (NaN under ``jit``).
     refine: ``None`` or a :class:`RefineReport`.
@@ -124,6 +130,8 @@ class NetworkReport:
 
   blocks: list
   observation_residual: Any
+  informative_values: Any
+  null_dim_bound: Any
   mse: Any
   psnr: Any
   ssim: Any
@@ -143,7 +151,7 @@ class NetworkReport:
   def to_dict(self) -> dict:
     """JSON-ready (numpy, outside ``jit``); a batch of one gives scalars."""
     out = {"layer": self.layer}
-    for k in ("psnr", "mse", "ssim", "observation_residual"):
+    for k in ("psnr", "mse", "ssim", "observation_residual", "informative_values", "null_dim_bound"):
       out[k] = first(jsonable(getattr(self, k)))
     out.update(seconds=jsonable(_seconds(self.seconds)), driver=self.driver, stem_method=self.stem_method,
                blocks=[b.to_dict() for b in self.blocks], refine=None if self.refine is None else self.refine.to_dict())
@@ -162,9 +170,14 @@ class NetworkReport:
     if self.refine is not None:
       b = self.refine.blockwise
       before = "" if b["psnr"] is None else f", PSNR {np.mean(b['psnr']):.2f} dB"
-      lines.append(f"refined end to end ({int(np.max(self.refine.iterations))} iterations) from the block-wise "
-                   f"estimate (observation residual {np.mean(b['observation_residual']):.2e}{before})")
-    lines.append(f"observation residual {np.mean(self.observation_residual):.2e}, {_seconds(self.seconds):.1f} s")
+      prior = int(np.sum(np.asarray(self.refine.with_prior)))
+      lines.append(f"refined end to end ({int(np.max(self.refine.iterations))} iterations, the TV prior on {prior} "
+                   f"of {np.size(self.refine.with_prior)} images) from the block-wise estimate (observation residual "
+                   f"{np.mean(b['observation_residual']):.2e}{before})")
+    under = int(np.sum(np.asarray(self.null_dim_bound) > 0))
+    lines.append(f"observation residual {np.mean(self.observation_residual):.2e}, {_seconds(self.seconds):.1f} s; "
+                 f"by count the observation leaves {under} of {np.size(self.null_dim_bound)} images underdetermined "
+                 f"(null-space dimension >= {int(np.min(self.null_dim_bound))})")
     return "\n".join(lines)
 
   def to_numpy(self) -> "NetworkReport":

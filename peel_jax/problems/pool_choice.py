@@ -114,12 +114,11 @@ def gap(z: jax.Array, cand: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class ChoiceNet:
-  """The folded stem (``pool='max'``), the pixel box of one image and the prior's weight (shared by every image)."""
+  """The folded stem (``pool='max'``) and the pixel box of one image (shared by every image)."""
 
   stem: Block
   lo: jax.Array
   hi: jax.Array
-  weight: jax.Array  # sqrt(lambda_tv / (H W)) / V, as problems.preimage
 
 
 class ChoiceData(NamedTuple):
@@ -129,6 +128,7 @@ class ChoiceData(NamedTuple):
   a: jax.Array  # (Ho, Wo, C) int32: the chosen offset per window
   active: jax.Array  # (Ho, Wo, C) bool: windows whose maximum is enforced
   scale: jax.Array  # ||m||
+  weight: jax.Array  # the prior's weight sqrt(lambda_tv / (H W)) / V of this image, as problems.preimage
 
 
 def pre_pool(x, net: ChoiceNet):
@@ -152,8 +152,8 @@ def _terms(x, d: ChoiceData, net: ChoiceNet):
   return (), jnp.where((d.y > 0) & d.active, za - d.y, 0.0) / d.scale, (z - d.ub) / d.scale
 
 
-def _objective(x, d, net: ChoiceNet):
-  return tv_vector(x, net.weight)
+def _objective(x, d: ChoiceData, net: ChoiceNet):
+  return tv_vector(x, d.weight)
 
 
 def _bounds(x, d, net: ChoiceNet):
@@ -172,15 +172,15 @@ def _merit(x, d: ChoiceData, net: ChoiceNet):
 POOL_CHOICE = engine.Problem(residual=_no_residual, bounds=_bounds, merit=_merit, objective=_objective, terms=_terms)
 
 
-def start_data(y: jax.Array, size) -> ChoiceData:
+def start_data(y: jax.Array, size, weight: jax.Array) -> ChoiceData:
   """The data of every image before the first round: ``U``, the candidates, ``||m||``, and only windows with one
   candidate enforced (``a`` is set by the first :func:`rechoose`). ``y`` ``(N, Ho, Wo, C)``; ``size``: ``(H, W)``
-  of the pre-pool map."""
+  of the pre-pool map; ``weight``: ``(N,)`` the prior's weight per image."""
   ub = jax.vmap(lambda m: pool_upper_bound(m, size, "max"))(y)
   cand = jax.vmap(candidates)(y, ub)
   a = jax.vmap(lambda c: jnp.argmax(c, axis=0).astype(jnp.int32))(cand)
   scale = jnp.maximum(jnp.sqrt(jnp.sum(y * y, axis=(1, 2, 3))), 1e-30)
-  return ChoiceData(y, ub, cand, a, (jnp.sum(cand, axis=1) == 1) & (y > 0), scale)
+  return ChoiceData(y, ub, cand, a, (jnp.sum(cand, axis=1) == 1) & (y > 0), scale, weight)
 
 
 def _move(lam, mu, d: ChoiceData):
@@ -254,7 +254,8 @@ def choose_maxima(stem: Block, y, x0, lo, hi, weight, config: SolverConfig, *, i
   Args:
     stem: the folded stem (:func:`peel_jax.blocks.stem_block`) with ``pool='max'`` and a ReLU.
     y: ``(N, Ho, Wo, C)`` the stem's pooled output; ``x0``: ``(N, H0, W0, 3)`` the starts (inside the box).
-    lo, hi: the pixel box of one image ``(H0, W0, 3)``; ``weight``: the prior's weight (as problems.preimage).
+    lo, hi: the pixel box of one image ``(H0, W0, 3)``; ``weight``: ``(N,)`` the prior's weight per image (as
+      problems.preimage).
     config: the engine's options (``rho``, ``cg_iters``, ``inner_iters``, ``tol``, ``damping``, ``driver``).
     iters: iteration budget per image (``ceil(iters / schedule.round_iters)`` rounds).
     schedule: when the choice changes.
@@ -267,8 +268,8 @@ def choose_maxima(stem: Block, y, x0, lo, hi, weight, config: SolverConfig, *, i
   rounds = -(-int(iters) // schedule.round_iters)
   commit_rounds = max(1, min(schedule.commit_rounds, rounds - 1))
   z = jax.eval_shape(lambda t: stem.affine(0, t), x0).shape
-  net = ChoiceNet(stem, lo, hi, weight)
-  d = start_data(y, (z[1], z[2]))
+  net = ChoiceNet(stem, lo, hi)
+  d = start_data(y, (z[1], z[2]), weight)
   undecided0 = jnp.sum(~d.active & (y > 0), axis=(1, 2, 3))
   st = _init(POOL_CHOICE, engine.LM, config, x0, d, net)
   st = st._replace(budget=jnp.zeros_like(st.k))

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peel_jax._features import features
 from peel_jax.solver import engine
@@ -42,7 +43,7 @@ TV_RATIO = 6.5  # V = B / TV_RATIO, as the Mahendran-Vedaldi baseline
 
 @flax.struct.dataclass
 class PreimageNet:
-  """The network up to ``layer``, how its output is split, the box and the prior's weight (shared by every image).
+  """The network up to ``layer``, how its output is split and the box (shared by every image).
 
   ``before`` names the feature whose ReLU gives ``y`` (``None``: no split, the equality is ``f(x) = y``); ``last``
   is the block that maps ``before`` to ``z`` (``None`` when ``before`` already is ``z``, as ``'bn1'`` for ``'relu'``).
@@ -52,7 +53,6 @@ class PreimageNet:
   last: Any
   lo: jax.Array
   hi: jax.Array
-  weight: jax.Array  # sqrt(lambda_tv / (H W)) / V
   model: Any = flax.struct.field(pytree_node=False)
   layer: str = flax.struct.field(pytree_node=False)
   before: str | None = flax.struct.field(pytree_node=False, default=None)
@@ -61,6 +61,7 @@ class PreimageNet:
 class PreimageData(NamedTuple):
   y: jax.Array  # one image's observation
   scale: jax.Array  # ||y||
+  weight: jax.Array  # the prior's weight sqrt(lambda_tv / (H W)) / V for this image (0: no prior)
 
 
 def pre_relu(x, net: PreimageNet):
@@ -79,7 +80,7 @@ def tv_vector(x, weight):
 
 
 def _objective(x, d: PreimageData, net: PreimageNet):
-  return tv_vector(x, net.weight)
+  return tv_vector(x, d.weight)
 
 
 def _no_residual(x, d, net):
@@ -136,7 +137,8 @@ def natural_preimage(model, variables, layer: str, observed, x0, *, box=None, la
       :func:`peel_jax.inversion.plan.invertible_layers`).
     observed: ``(N, ...)`` the observation; ``x0``: ``(N, H, W, 3)`` the starts.
     box: ``(lo, hi)`` arrays of one image's shape, or ``None``.
-    lambda_tv: the prior's weight, in the Mahendran-Vedaldi baseline's units (> 0).
+    lambda_tv: the prior's weight, in the Mahendran-Vedaldi baseline's units: a scalar (> 0), or one value per
+      image ``(N,)`` (>= 0; an image with 0 gets no prior: the nearest exact preimage the solver finds from its start).
     pixel_scale: ``B``, the largest magnitude of a valid pixel value (sets ``V = B / 6.5``).
     config: ``cg_iters``, ``damping``, ``rho``, ``inner_iters``, ``tol``, ``driver`` (``max_iters``: ``iters``).
     iters: iteration budget per image (>= 1).
@@ -153,15 +155,15 @@ def natural_preimage(model, variables, layer: str, observed, x0, *, box=None, la
     ValueError: ``lambda_tv`` not positive, ``iters`` < 1, or a ``choice`` that is neither ``'auto'``, ``None``
       nor a ``ChoiceSchedule`` (or has a field < 1).
   """
-  if not lambda_tv > 0:
-    raise ValueError(f"lambda_tv must be > 0, got {lambda_tv!r}")
+  _check_lambda(lambda_tv, observed.shape[0])
   if int(iters) < 1:
     raise ValueError(f"iters must be >= 1, got {iters!r}")
   schedule = _schedule(choice)
   config = SolverConfig() if config is None else config
   lo, hi = engine.box_bounds(box, x0.shape[1:], x0.dtype)
   hw = x0.shape[1] * x0.shape[2]
-  weight = jnp.asarray((lambda_tv / hw) ** 0.5 * TV_RATIO / pixel_scale, x0.dtype)
+  lam = jnp.broadcast_to(jnp.asarray(lambda_tv, x0.dtype), x0.shape[:1])
+  weight = jnp.sqrt(lam / hw) * (TV_RATIO / pixel_scale)
   x0 = jnp.clip(x0, lo[None], hi[None])
   if schedule is not None and _pool_choice().applies(model, layer):
     from peel_jax import blocks as _blocks
@@ -169,11 +171,23 @@ def natural_preimage(model, variables, layer: str, observed, x0, *, box=None, la
     return _pool_choice().choose_maxima(_blocks.stem_block(model, variables), observed, x0, lo, hi, weight, config,
                                         iters=int(iters), schedule=schedule)
   before, last = split_point(model, variables, layer)
-  net = PreimageNet(variables, last, lo, hi, weight, model, layer, before)
+  net = PreimageNet(variables, last, lo, hi, model, layer, before)
   scale = jnp.maximum(jnp.sqrt(jnp.sum(observed * observed, axis=tuple(range(1, observed.ndim)))), 1e-30)
-  st = engine.solve(NATURAL_PREIMAGE, config, x0, PreimageData(observed, scale), net,
+  st = engine.solve(NATURAL_PREIMAGE, config, x0, PreimageData(observed, scale, weight), net,
                     method=engine.LM, budget=int(iters))
   return st.best_u, st.k, st.best_merit
+
+
+def _check_lambda(lambda_tv, n: int):
+  """Raises ValueError unless ``lambda_tv`` is a scalar > 0 or ``n`` values >= 0 (checked when concrete)."""
+  if np.ndim(lambda_tv) == 0:
+    if not engine.is_traced(lambda_tv) and not float(lambda_tv) > 0:
+      raise ValueError(f"lambda_tv must be > 0, got {lambda_tv!r}")
+    return
+  if np.shape(lambda_tv) != (n,):
+    raise ValueError(f"lambda_tv must be a scalar or one value per image ({n},), got shape {np.shape(lambda_tv)}")
+  if not engine.is_traced(lambda_tv) and not np.all(np.asarray(lambda_tv) >= 0):
+    raise ValueError(f"lambda_tv must be >= 0 per image, got {np.asarray(lambda_tv)}")
 
 
 def _pool_choice():
