@@ -153,15 +153,19 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
       os.remove(tmp)
 
 
-def write_json(path: str, data: Any) -> None:
-  """Writes JSON atomically (strict: NaN and inf are refused, write ``None`` instead)."""
-  text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` atomically."""
 
   def w(tmp):
     with open(tmp, "w") as f:
       f.write(text)
 
   atomic_write(path, w)
+
+
+def write_json(path: str, data: Any) -> None:
+  """Writes JSON atomically (strict: NaN and inf are refused, write ``None`` instead)."""
+  write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: str, rows: Sequence[dict]) -> None:

@@ -1,0 +1,57 @@
+"""benchmarks/deployed.py on the smallest unit: the record, resumption, the table, bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import deployed
+from peel_jax import models
+
+
+def test_smallest_unit_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
+  """The harness around the attacks (the attacks have their own tests): a stand-in solver returns the truth plus
+  a little noise, and is called once per unit."""
+  calls = []
+
+  def stand_in(method, model, variables, observed, layer, image, peel_seconds):
+    calls.append(method)
+    return image + 0.01 * jax.random.normal(jax.random.key(0), image.shape), {}
+
+  monkeypatch.setattr(deployed, "solve", stand_in)
+  tiny = models.ResNet(stage_sizes=(1,), **models.paper_variant())  # the harness is the same for resnet18
+  monkeypatch.setattr(deployed, "build_network", lambda name, size, seed: (
+      tiny, tiny.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))))
+  out = str(tmp_path / "d")
+  argv = ["--out", out, "--networks", "paper_0.3", "--layers", "maxpool,layer1", "--methods", "peel_blockwise",
+          "--images", "astronaut", "--size", "32"]
+  assert deployed.main(argv) == 0
+  units = os.listdir(os.path.join(out, "units"))
+  assert units == ["paper_0.3__layer1__peel_blockwise.json"]  # no stem pool in the paper variant: no maxpool unit
+  with open(os.path.join(out, "units", units[0])) as f:
+    rec = json.load(f)
+  # 16x16x64 signed values for 32x32x3 pixel values: determined by count. The scores are the stand-in's.
+  assert rec["status"] == ["determined"] and rec["null_dim_bound"] == [0]
+  assert 30.0 < rec["psnr"][0] < 60.0 and 1e-4 < rec["observation_residual"][0] < 1e-1
+  mtime = os.path.getmtime(os.path.join(out, "units", units[0]))
+  assert deployed.main(argv) == 0  # resumed: the finished unit is not recomputed
+  assert os.path.getmtime(os.path.join(out, "units", units[0])) == mtime and calls == ["peel_blockwise"]
+  with open(os.path.join(out, "table.md")) as f:
+    table = f.read()
+  assert "| paper_0.3 | layer1 | peel_blockwise |" in table and table.count("\n") == 3
+  assert deployed.main(["--out", out, "--methods", "magic"]) == 2
+  assert "unknown network, layer or method ['magic']" in capsys.readouterr().err
+
+
+def test_random_batch_stats_change_batchnorm_only():
+  model = models.ResNet(stage_sizes=(1, 1))  # BatchNorm in the stem, the blocks and layer2.0's downsample
+  v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  r = deployed.random_batch_stats(v, jax.random.key(1))
+  assert np.all(np.asarray(r["batch_stats"]["layer2_0"]["bn1"]["var"]) > 0)
+  assert not np.allclose(r["batch_stats"]["bn1"]["mean"], v["batch_stats"]["bn1"]["mean"])
+  assert not np.allclose(r["params"]["layer2_0"]["downsample_1"]["scale"], 1.0)
+  np.testing.assert_array_equal(r["params"]["layer1_0"]["conv1"]["kernel"], v["params"]["layer1_0"]["conv1"]["kernel"])
+  again = deployed.random_batch_stats(v, jax.random.key(1))  # reproducible: no salted hashes
+  np.testing.assert_array_equal(again["batch_stats"]["bn1"]["var"], r["batch_stats"]["bn1"]["var"])
