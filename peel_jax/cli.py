@@ -39,6 +39,9 @@ DEMO_MAX_ITERS = 30
 DEMO_CG_ITERS = 20
 DEMO_REFINE = 40
 DEMO_REFINE_START = "best"
+DEMO_TV_LAYERS = ("maxpool", "layer1", "layer2")
+DEMO_TV_REFINE = 200
+DEMO_TV_MV_STEPS = 400
 DEMO_EXPLANATION = (
     "demo: resnet18, paper variant (no BatchNorm, no post-add ReLU, no stem pool), random He weights (seed {seed}) "
     "with every residual branch's last conv scaled by {gain}: small branches that refine their input, as trained "
@@ -47,7 +50,11 @@ DEMO_EXPLANATION = (
     "method can claim the input). Stride-2 blocks have fewer outputs than inputs: block-wise inversion returns a "
     "preimage, so each run is also refined end to end on the pixels (LM on the whole map pixels -> layer, no prior), "
     "starting per image from whichever of the block-wise estimate and a Mahendran-Vedaldi estimate (total-variation "
-    "prior) reproduces the observation better. Image: {image} at {size}x{size}."
+    "prior) reproduces the observation better; where the counts leave the image underdetermined (layer4) the "
+    "refinement seeks the exact preimage of least total variation. Beside it, the network people deploy: "
+    "torchvision's resnet18 (BatchNorm, post-add ReLUs, a max-pool), random init, observed at {tv_layers}, where "
+    "the counts leave every image underdetermined: the default attack ({tv_refine} iterations towards the smoothest "
+    "exact preimage). Image: {image} at {size}x{size}."
 )
 
 
@@ -341,61 +348,93 @@ def _demo(args) -> int:
   from peel_jax import images, models
   from peel_jax.solver.config import SolverConfig
 
-  explanation = DEMO_EXPLANATION.format(seed=DEMO_SEED, gain=DEMO_GAIN, image=DEMO_IMAGE, size=DEMO_SIZE)
+  explanation = DEMO_EXPLANATION.format(seed=DEMO_SEED, gain=DEMO_GAIN, image=DEMO_IMAGE, size=DEMO_SIZE,
+                                        tv_layers=", ".join(DEMO_TV_LAYERS), tv_refine=DEMO_TV_REFINE)
   print(explanation, flush=True)
   img = images.bundled(DEMO_IMAGE, DEMO_SIZE)
-  model = models.resnet18(**models.paper_variant())
   x = jnp.asarray(images.normalize(img))[None]
-  variables = scale_branches(model.init(jax.random.key(DEMO_SEED), x), DEMO_GAIN)
-  feats = peel_jax.features(model, variables, x)
-  config = peel_jax.NetworkConfig(block=SolverConfig(max_iters=DEMO_MAX_ITERS, cg_iters=DEMO_CG_ITERS),
-                                  refine_iters=DEMO_REFINE, refine_start=DEMO_REFINE_START)
+  paper = models.resnet18(**models.paper_variant())
+  tv = models.resnet18()
+  block = SolverConfig(max_iters=DEMO_MAX_ITERS, cg_iters=DEMO_CG_ITERS)
+  nets = {
+      "paper": (paper, scale_branches(paper.init(jax.random.key(DEMO_SEED), x), DEMO_GAIN), DEMO_LAYERS,
+                peel_jax.NetworkConfig(block=block, refine_iters=DEMO_REFINE, refine_start=DEMO_REFINE_START)),
+      "torchvision": (tv, tv.init(jax.random.key(DEMO_SEED), x), DEMO_TV_LAYERS,
+                      peel_jax.NetworkConfig(block=block, refine_iters=DEMO_TV_REFINE, mv_steps=DEMO_TV_MV_STEPS)),
+  }
   t_all = time.perf_counter()
-  runs = {}
-  for layer in DEMO_LAYERS:
-    x_hat, report = peel_jax.invert_network(
-        model, variables, feats[layer], layer, key=jax.random.key(DEMO_SEED), config=config, true_features=feats,
-        image=x, progress=sys.stderr.isatty())
-    runs[layer] = (images.denormalize(report.estimates["stem"][0]), images.denormalize(x_hat[0]), report)
-    blockwise = report.refine["blockwise"]
-    n_obs, n_pix = int(np.prod(feats[layer].shape[1:])), int(np.prod(x.shape[1:]))
-    print(f"{layer}: block-wise PSNR {float(blockwise['psnr'][0]):.2f} dB, refined (from the "
-          f"{report.refine['start'][0]} estimate) PSNR {float(report.psnr[0]):.2f} dB, "
-          f"SSIM {float(report.ssim[0]):.3f}, {report.seconds:.1f} s ({n_obs} observed values for {n_pix} pixel "
-          f"values{'' if n_obs >= n_pix else ': underdetermined'})", flush=True)
+  runs = {name: _demo_runs(name, *net, x) for name, net in nets.items()}
   seconds = time.perf_counter() - t_all
+  configs = {name: {"layers": list(net[2]), "refine_iters": net[3].refine_iters, "refine_start": net[3].refine_start,
+                    "prior": net[3].prior} for name, net in nets.items()}
   metrics = {
       "description": explanation, "arch": "resnet18", "variant": "paper", "branch_gain": DEMO_GAIN,
       "image": DEMO_IMAGE, "size": DEMO_SIZE, "seed": DEMO_SEED, "seconds": seconds,
-      "solver": {"max_iters": DEMO_MAX_ITERS, "cg_iters": DEMO_CG_ITERS, "refine_iters": DEMO_REFINE,
-                 "refine_start": DEMO_REFINE_START},
+      "solver": {"max_iters": DEMO_MAX_ITERS, "cg_iters": DEMO_CG_ITERS, **configs["paper"]},
       "backend": jax.default_backend(),
-      "layers": {layer: {**rep.to_dict(), "shape": list(feats[layer].shape[1:])} for layer, (*_, rep) in runs.items()},
+      "layers": {layer: rep.to_dict() for layer, (*_, rep) in runs["paper"].items()},
+      "torchvision": {"solver": configs["torchvision"],
+                      "layers": {layer: rep.to_dict() for layer, (*_, rep) in runs["torchvision"].items()}},
   }
   tmp = _staging(args.out)
   try:
     _write_json(os.path.join(tmp, "metrics.json"), metrics)
-    cols = 1 + len(runs)
-    fig = _figure(2.2 * cols, 5.2)
-    ax = fig.add_subplot(2, cols, 1)
-    ax.imshow(img)
-    ax.set_title("original", fontsize=9)
-    ax.axis("off")
-    for i, (layer, (blockwise, refined, rep)) in enumerate(runs.items()):
-      for row, (rec, what, psnr) in enumerate(((blockwise, "block-wise", rep.refine["blockwise"]["psnr"]),
-                                               (refined, "refined, " + _START_LABEL[rep.refine["start"][0]],
-                                                rep.psnr))):
-        ax = fig.add_subplot(2, cols, row * cols + i + 2)
-        ax.imshow(np.clip(rec, 0, 1), interpolation="nearest")
-        ax.set_title(f"{layer} {what}\nPSNR {float(psnr[0]):.1f} dB", fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"PEEL on resnet18 (paper variant, random branches scaled by {DEMO_GAIN})", fontsize=10)
-    fig.savefig(os.path.join(tmp, "demo.png"))
+    _demo_figure(os.path.join(tmp, "demo.png"), img, runs)
     _publish(tmp, args.out)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   print(f"wrote {os.path.join(args.out, 'demo.png')} and metrics.json ({seconds:.0f} s)")
   return 0
+
+
+def _verdict(report) -> str:
+  bound = int(np.asarray(report.null_dim_bound)[0])
+  return f"underdetermined (null >= {bound})" if bound else "determined by count"
+
+
+def _demo_runs(name, model, variables, layers, config, x) -> dict:
+  """``{layer: (block-wise image, attack's image, report)}`` of one demo network, printing a line per layer."""
+  import jax
+
+  import peel_jax
+  from peel_jax import images
+
+  feats = peel_jax.features(model, variables, x)
+  runs = {}
+  for layer in layers:
+    x_hat, rep = peel_jax.invert_network(model, variables, feats[layer], layer, key=jax.random.key(DEMO_SEED),
+                                         config=config, true_features=feats, image=x,
+                                         progress=sys.stderr.isatty())
+    runs[layer] = (images.denormalize(rep.estimates["stem"][0]), images.denormalize(x_hat[0]), rep)
+    print(f"{name} {layer}: block-wise PSNR {float(rep.refine.blockwise['psnr'][0]):.2f} dB, refined (from the "
+          f"{rep.refine.start[0]} estimate{', TV prior' if rep.refine.with_prior[0] else ''}) PSNR "
+          f"{float(rep.psnr[0]):.2f} dB, SSIM {float(rep.ssim[0]):.3f}, observation residual "
+          f"{float(rep.observation_residual[0]):.1e}, {rep.seconds:.1f} s ({int(rep.informative_values[0])} "
+          f"informative values for {int(np.prod(x.shape[1:]))} pixel values: {_verdict(rep)})", flush=True)
+  return runs
+
+
+def _demo_figure(path, img, runs: dict) -> None:
+  """Rows: the paper variant block-wise, the paper variant refined, the torchvision network refined."""
+  rows = [("paper", 0, "block-wise"), ("paper", 1, "refined"), ("torchvision", 1, "torchvision")]
+  cols = 1 + max(len(r) for r in runs.values())
+  fig = _figure(2.3 * cols, 2.6 * len(rows))
+  ax = fig.add_subplot(len(rows), cols, 1)
+  ax.imshow(img)
+  ax.set_title("original", fontsize=9)
+  ax.axis("off")
+  for r, (name, which, label) in enumerate(rows):
+    for c, (layer, run) in enumerate(runs[name].items()):
+      rep = run[2]
+      psnr = rep.refine.blockwise["psnr"] if which == 0 else rep.psnr
+      how = label if which == 0 else f"{label}, {_START_LABEL[rep.refine.start[0]]}"
+      ax = fig.add_subplot(len(rows), cols, r * cols + c + 2)
+      ax.imshow(np.clip(run[which], 0, 1), interpolation="nearest")
+      ax.set_title(f"{layer} {how}\nPSNR {float(psnr[0]):.1f} dB, {_verdict(rep)}", fontsize=7)
+      ax.axis("off")
+  fig.suptitle(f"PEEL on resnet18: paper variant (branches x{DEMO_GAIN}; top two rows) and torchvision "
+               "(BatchNorm, post-add ReLU, max-pool; bottom row), random init", fontsize=10)
+  fig.savefig(path)
 
 
 def _audit(args) -> int:

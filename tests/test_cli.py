@@ -160,7 +160,7 @@ def test_console_command_exit_status_and_stderr(tmp_path, image_file):
 
 
 def test_demo_runs_with_reduced_settings(tmp_path, monkeypatch, capsys):
-  """The demo's code path (the full demo takes about 2.5 minutes on 2 CPU cores; measured in the README)."""
+  """The demo's code path, both networks (the full demo's time is measured in the README)."""
   from peel_jax import cli
 
   monkeypatch.setattr(cli, "DEMO_LAYERS", ("layer1", "layer2"))
@@ -169,12 +169,21 @@ def test_demo_runs_with_reduced_settings(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(cli, "DEMO_CG_ITERS", 3)
   monkeypatch.setattr(cli, "DEMO_REFINE", 2)
   monkeypatch.setattr(cli, "DEMO_REFINE_START", "blockwise")  # 'best' runs Mahendran-Vedaldi: tested elsewhere
+  monkeypatch.setattr(cli, "DEMO_TV_LAYERS", ("maxpool",))
+  monkeypatch.setattr(cli, "DEMO_TV_REFINE", 2)
+  monkeypatch.setattr(cli, "DEMO_TV_MV_STEPS", 3)
   out = tmp_path / "demo"
   assert main(["demo", "--out", str(out)]) == 0
   assert sorted(os.listdir(out)) == ["demo.png", "metrics.json"]
   m = json.loads((out / "metrics.json").read_text())
   assert set(m["layers"]) == {"layer1", "layer2"}
   assert m["layers"]["layer1"]["psnr"] > 30.0
+  tv = m["torchvision"]["layers"]["maxpool"]
+  # The verdict is the counts' (non-zero values behind the pool's ReLU against 64 x 64 x 3 pixel values), and the
+  # TV prior acted exactly where they leave the image underdetermined.
+  assert tv["null_dim_bound"] == max(0, 64 * 64 * 3 - tv["informative_values"])
+  assert tv["refine"]["with_prior"] is (tv["null_dim_bound"] > 0)
   text = capsys.readouterr().out
-  assert "paper variant" in text and "scaled by 0.3" in text
+  assert "paper variant" in text and "scaled by 0.3" in text and "torchvision maxpool" in text
+  assert "determined by count" in text
   assert main(["demo", "--out", str(out)]) == 2  # earlier results refused
