@@ -3,10 +3,10 @@
 The paper leaves defences open. A client shares the output of ``--layers`` of a trained classifier, defended by
 :mod:`peel_jax.defences` at a range of strengths; for each setting this study measures
 
-* **leakage**: PSNR and SSIM of PEEL's reconstruction (:func:`peel_jax.invert_network`, the attacker inverting the
-  defended features as if they were clean; where the observed layer ends in a ReLU the attacker first clips them at
-  zero, which it knows to be valid), and the KNN distance in a separate evaluation network's features to the
-  closest private image of the same class;
+* **leakage**: PSNR and SSIM of each of ``--methods``' reconstruction (:func:`peel_jax.invert_network`, the
+  attacker inverting the defended features as if they were clean; where the observed layer ends in a ReLU the
+  attacker first clips them at zero, which it knows to be valid), and the KNN distance in a separate evaluation
+  network's features to the closest private image of the same class;
 * **utility**: the server's accuracy when it finishes the forward pass from the defended features
   (:func:`peel_jax.blocks.forward_from`), and its agreement with the undefended prediction, on held-out images.
 
@@ -17,6 +17,18 @@ the evaluation network sees only reconstructions and private images, never the s
 replaces the target's training run with a torchvision ``state_dict`` (its ``fc`` must match the data's classes).
 The curve (``tradeoff.png``) lets a practitioner pick the strength that stops the attack at an accuracy they can
 afford.
+
+Methods (both attack the same defended features: a setting's noise does not depend on the method):
+
+* ``peel``: :func:`peel_jax.invert_network`'s default attack: the block-wise pass, then ``--peel-iters`` iterations
+  towards an exact preimage from the better (by observation residual) of the block-wise and a Mahendran-Vedaldi
+  estimate (``--mv-steps``), with the total-variation prior on the images the counts leave underdetermined.
+* ``peel_blockwise``: the paper's attack alone: block by block, deepest first, nothing after.
+
+``metrics.csv`` has a row per (method, defence, layer, image) and block; image rows carry the count bound on the
+null space (``null_dim_bound``), and ``peel``'s the block-wise PSNR before the refinement, its start and whether
+the prior acted. A unit of work is one (method, defence setting, layer). An output directory written before the
+``methods`` dimension existed (block-wise only) is refused on resume: its ``config.json`` lacks the new fields.
 """
 
 from __future__ import annotations
@@ -42,8 +54,8 @@ class Config:
 
   Smallest run (the test's)::
 
-      python -m experiments.defences --out /tmp/def --gaussian 0.1 --quantize 2 --dropout 0.5 --images 1 \\
-          --max-iters 2 --train-steps 2 --utility-images 16
+      python -m experiments.defences --out /tmp/def --gaussian 0.5 --quantize 1 --dropout 0.5 --layers layer1 \\
+          --images 1 --max-iters 2 --train-steps 2 --utility-images 16 --peel-iters 2 --mv-steps 3
   """
 
   out: str = dataclasses.field(default="experiments/results/defences", metadata={"help": "output directory"})
@@ -60,10 +72,13 @@ class Config:
   quantize: tuple[float, ...] = dataclasses.field(default=(8, 4, 3, 2, 1), metadata={"help": "bits"})
   dropout: tuple[float, ...] = dataclasses.field(default=(0.1, 0.25, 0.5, 0.75), metadata={
       "help": "channel drop probabilities"})
+  methods: tuple[str, ...] = H.methods_field()
   images: int = dataclasses.field(default=4, metadata={"help": "held-out images attacked"})
   utility_images: int = dataclasses.field(default=359, metadata={"help": "held-out images for accuracy"})
   max_iters: int = dataclasses.field(default=30, metadata={"help": "PEEL solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "CG iterations per LM step"})
+  peel_iters: int = H.peel_iters_field()
+  mv_steps: int = H.mv_steps_field()
   train_steps: int = dataclasses.field(default=200, metadata={"help": "Adam steps of each training run"})
   train_batch: int = dataclasses.field(default=16, metadata={"help": "images per Adam step of the training run"})
   seed: int = dataclasses.field(default=0, metadata={"help": "seed of training, defences and solvers"})
@@ -76,6 +91,7 @@ class Config:
     for name in ("images", "utility_images", "max_iters", "cg_iters", "train_steps", "train_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    H.validate_methods(self)
     if any(s < 0 for s in self.gaussian) or any(not 0 <= p < 1 for p in self.dropout):
       raise ValueError("--gaussian must be >= 0 and --dropout in [0, 1)")
     if any(b < 1 or int(b) != b for b in self.quantize):
@@ -135,8 +151,13 @@ def split_indices(n: int, seed: int, holdout: float = 0.2) -> dict:
   return {"holdout": np.sort(perm[:k]), "train": np.sort(perm[k:])}
 
 
-def unit_id(kind: str, strength: float, layer: str) -> str:
+def setting_id(kind: str, strength: float, layer: str) -> str:
+  """A defence setting on one layer; it alone seeds the defence's noise, so every method sees the same features."""
   return f"{kind}-{strength:g}__{layer}"
+
+
+def unit_id(method: str, kind: str, strength: float, layer: str) -> str:
+  return f"{method}__{setting_id(kind, strength, layer)}"
 
 
 def run(config: Config, run: H.Run) -> dict:
@@ -166,7 +187,7 @@ def run(config: Config, run: H.Run) -> dict:
   private_labels = ds.labels[private]
   solver = SolverConfig(max_iters=config.max_iters, cg_iters=config.cg_iters)
   ends_in_relu = model.post_activation and model.activation == "relu"
-  units = [(k, s, l) for k, s in config.settings() for l in config.layers]
+  units = [(m, k, s, l) for m in config.methods for k, s in config.settings() for l in config.layers]
   ids = [unit_id(*u) for u in units]
   todo = set(run.mine(ids))
   # Undefended features, computed once: of the held-out images for utility, of the attacked ones for leakage.
@@ -175,22 +196,24 @@ def run(config: Config, run: H.Run) -> dict:
   clean_pred = {l: np.argmax(np.asarray(forward_from(model, variables, h_util[l], l)), -1) for l in config.layers}
   x, n = H.shard_batch(x_all[attacked], H.batch_mesh())
   feats = peel_jax.features(model, variables, x)
-  for (kind, strength, layer), uid in H.progress(zip(units, ids), len(units), "defences"):
+  for (method, kind, strength, layer), uid in H.progress(zip(units, ids), len(units), "defences"):
     if uid not in todo:
       continue
-    key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(uid.encode()) % (2**31))
+    sid = setting_id(kind, strength, layer)
+    key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(sid.encode()) % (2**31))
     # Utility: the server's forward pass from defended features, on the held-out images.
     pred = np.argmax(np.asarray(forward_from(
         model, variables, defences.apply_defence(kind, strength, h_util[layer], key), layer)), -1)
     accuracy = float(np.mean(pred == ds.labels[util]))
     agreement = float(np.mean(pred == clean_pred[layer]))
-    # Leakage: PEEL on the defended features of the attacked images.
+    # Leakage: the method on the defended features of the attacked images.
     observed = defences.apply_defence(kind, strength, feats[layer], jax.random.fold_in(key, 1))
     if ends_in_relu:
       observed = jnp.maximum(observed, 0.0)
     t0 = time.perf_counter()
     x_hat, report = peel_jax.invert_network(model, variables, observed, layer, key=key,
-                                            config=peel_jax.NetworkConfig.blockwise(block=solver), true_features=feats, image=x)
+                                            config=H.network_config(method, solver, config), true_features=feats,
+                                            image=x)
     seconds = (time.perf_counter() - t0) / n
     x_hat = np.asarray(x_hat)[:n]
     rf, _ = metrics.evaluation_embeddings(evaluator, eval_vars, jnp.asarray(x_hat))
@@ -199,17 +222,14 @@ def run(config: Config, run: H.Run) -> dict:
     distortion = float(np.linalg.norm(np.asarray(observed)[:n] - clean_obs) / np.linalg.norm(clean_obs))
     rows = []
     for i in range(n):
-      base = {"defence": kind, "strength": strength, "layer": layer, "image": int(attacked[i]),
+      base = {"method": method, "defence": kind, "strength": strength, "layer": layer, "image": int(attacked[i]),
               "name": ds.names[attacked[i]]}
-      for blk in report.blocks:
-        rows.append({**base, "block": blk.name, "input_rel_error": float(blk.input_rel_error[i]),
-                     "residual": float(blk.residual[i]), "iterations": int(blk.iterations[i]),
-                     "converged": bool(blk.converged[i])})
+      rows += H.block_rows(base, report, i)
       rows.append({**base, "block": "image", "psnr": float(report.psnr[i]), "ssim": float(report.ssim[i]),
                    "mse": float(report.mse[i]), "knn_distance": float(knn[i]),
                    "observation_residual": float(report.observation_residual[i]),
                    "feature_distortion": distortion, "accuracy": accuracy, "agreement": agreement,
-                   "seconds_per_image": seconds})
+                   **H.image_columns(report, i), "seconds_per_image": seconds})
     rec = _images.denormalize(x_hat)
     run.save(uid, rows, arrays={"reconstruction": np.round(np.clip(rec, 0, 1) * 255).astype(np.uint8)})
   rows = run.collect(ids)
@@ -222,37 +242,44 @@ def run(config: Config, run: H.Run) -> dict:
 
 
 def summarize(config: Config, rows: list[dict], train_stats: dict) -> dict:
+  """Per (method, defence, strength, layer): utility, distortion, leakage distributions over images (``peel``: also
+  the block-wise PSNR before the refinement), every image's PSNR."""
   groups = []
-  for kind, strength in config.settings():
-    for layer in config.layers:
-      img = [r for r in rows if r["defence"] == kind and r["strength"] == strength and r["layer"] == layer
-             and r["block"] == "image"]
-      groups.append({
-          "defence": kind, "strength": strength, "layer": layer,
-          "accuracy": img[0]["accuracy"], "agreement": img[0]["agreement"],
-          "feature_distortion": img[0]["feature_distortion"],
-          **{k: H.describe([r[k] for r in img]) for k in ("psnr", "ssim", "knn_distance", "observation_residual")},
-          "per_image_psnr": {r["name"]: r["psnr"] for r in img},
-      })
+  for method in config.methods:
+    for kind, strength in config.settings():
+      for layer in config.layers:
+        img = [r for r in rows if r["method"] == method and r["defence"] == kind and r["strength"] == strength
+               and r["layer"] == layer and r["block"] == "image"]
+        groups.append({
+            "method": method, "defence": kind, "strength": strength, "layer": layer,
+            "accuracy": img[0]["accuracy"], "agreement": img[0]["agreement"],
+            "feature_distortion": img[0]["feature_distortion"],
+            **{k: H.describe([r[k] for r in img]) for k in ("psnr", "ssim", "knn_distance", "observation_residual")},
+            **H.refine_summary(img),
+            "per_image_psnr": {r["name"]: r["psnr"] for r in img},
+        })
   return {"target": config.weights or f"{config.arch} ({config.variant}), trained here",
           "training": train_stats, "groups": groups}
 
 
 def plot_tradeoff(path: str, config: Config, summary: dict) -> None:
-  """Per shared layer: median PSNR of PEEL against the server's accuracy, one curve per defence."""
+  """Per shared layer: median PSNR of each method against the server's accuracy, one curve per defence and method
+  (colour: defence; solid: ``peel``, dashed: ``peel_blockwise``)."""
   fig = H.figure(4.4 * len(config.layers), 3.8)
+  styles = {"peel": "o-", "peel_blockwise": "s--"}
   for li, layer in enumerate(config.layers):
     ax = fig.add_subplot(1, len(config.layers), li + 1)
-    none = [g for g in summary["groups"] if g["defence"] == "none" and g["layer"] == layer][0]
-    for kind in ("gaussian", "quantize", "dropout"):
-      gs = [none] + [g for g in summary["groups"] if g["defence"] == kind and g["layer"] == layer]
-      acc = [g["accuracy"] for g in gs]
-      psnr = [min(g["psnr"]["median"], 150.0) for g in gs]
-      ax.plot(acc, psnr, "o-", label=kind)
-      for g, a, p in zip(gs[1:], acc[1:], psnr[1:]):
-        ax.annotate(f"{g['strength']:g}", (a, p), fontsize=6)
+    for ki, kind in enumerate(("gaussian", "quantize", "dropout")):
+      for method in config.methods:
+        of = [g for g in summary["groups"] if g["method"] == method and g["layer"] == layer]
+        gs = [g for g in of if g["defence"] == "none"] + [g for g in of if g["defence"] == kind]
+        acc = [g["accuracy"] for g in gs]
+        psnr = [min(g["psnr"]["median"], 150.0) for g in gs]
+        ax.plot(acc, psnr, styles[method], color=f"C{ki}", label=f"{kind}, {method}")
+        for g, a, p in zip(gs[1:], acc[1:], psnr[1:]):
+          ax.annotate(f"{g['strength']:g}", (a, p), fontsize=6)
     ax.set_xlabel("server accuracy with the defence")
-    ax.set_ylabel("PEEL reconstruction PSNR dB (median)")
+    ax.set_ylabel("reconstruction PSNR dB (median)")
     ax.set_title(f"shared layer: {layer}", fontsize=9)
     ax.legend(fontsize=7)
   fig.tight_layout()

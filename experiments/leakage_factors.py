@@ -24,8 +24,18 @@ digits (bundled, upsampled to 96x96) by :func:`experiments._training.train_class
 ``summary.json``), then attacked on ``--data`` at ``--size`` like every other setting. ``--weights`` replaces that
 run with a torchvision ``state_dict`` of the base architecture.
 
-Leakage is PSNR/SSIM/MSE of the image rebuilt by :func:`peel_jax.invert_network` (block-wise, the paper's attack),
-with the observation residual and every block's input error and convergence in ``metrics.csv``.
+Every (setting, layer) is attacked by each of ``--methods``:
+
+* ``peel``: :func:`peel_jax.invert_network`'s default attack: the block-wise pass, then ``--peel-iters`` iterations
+  towards an exact preimage from the better (by observation residual) of the block-wise and a Mahendran-Vedaldi
+  estimate (``--mv-steps``), with the total-variation prior on the images the counts leave underdetermined.
+* ``peel_blockwise``: the paper's attack alone: block by block, deepest first, nothing after.
+
+Leakage is PSNR/SSIM/MSE of the rebuilt image, with the observation residual, the count bound on the null space
+(``null_dim_bound``) and every block's input error and convergence in ``metrics.csv``; ``peel`` rows add the
+block-wise PSNR before the refinement, its start and whether the prior acted. A unit of work is one (method,
+setting, layer). An output directory written before the ``methods`` dimension existed (block-wise only) is refused
+on resume: its ``config.json`` lacks the new fields.
 """
 
 from __future__ import annotations
@@ -65,8 +75,8 @@ class Config:
 
   Smallest run (the test's)::
 
-      python -m experiments.leakage_factors --out /tmp/lf --settings base,pool=avg,init=trained --size 32 \\
-          --layers layer1 --images 1 --max-iters 3 --train-steps 2
+      python -m experiments.leakage_factors --out /tmp/lf --settings base,init=trained --size 32 \\
+          --layers layer1 --images 1 --max-iters 2 --train-steps 2 --peel-iters 2 --mv-steps 3
   """
 
   out: str = dataclasses.field(default="experiments/results/leakage_factors", metadata={"help": "output directory"})
@@ -82,8 +92,11 @@ class Config:
   images: int = dataclasses.field(default=1, metadata={"help": "images attacked"})
   layers: tuple[str, ...] = dataclasses.field(default=("layer1", "layer2", "layer3", "layer4"), metadata={
       "help": "observed layers"})
+  methods: tuple[str, ...] = H.methods_field()
   max_iters: int = dataclasses.field(default=15, metadata={"help": "solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "CG iterations per LM step"})
+  peel_iters: int = H.peel_iters_field()
+  mv_steps: int = H.mv_steps_field()
   train_data: str = dataclasses.field(default="bundled:digits", metadata={"help": "data of the training run"})
   train_size: int = dataclasses.field(default=96, metadata={
       "help": "image side of the training run (96: the ImageNet stem then keeps every map at least 3x3; smaller "
@@ -103,6 +116,7 @@ class Config:
     for name in ("images", "max_iters", "cg_iters", "train_steps", "train_size", "train_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    H.validate_methods(self)
 
 
 def model_options(config: Config, setting: str) -> dict:
@@ -164,8 +178,8 @@ def build(config: Config, setting: str, trained: dict | None):
   return model, scale_branches(variables, 1.0 if setting == "init=he" else config.branch_gain)
 
 
-def unit_id(setting: str, layer: str) -> str:
-  return f"{setting.replace('=', '-')}__{layer}"
+def unit_id(method: str, setting: str, layer: str) -> str:
+  return f"{method}__{setting.replace('=', '-')}__{layer}"
 
 
 def run(config: Config, run: H.Run) -> dict:
@@ -179,8 +193,9 @@ def run(config: Config, run: H.Run) -> dict:
     ds = data.load_images(config.data, size=config.size, limit=config.images)
   except (ValueError, OSError, ImportError) as e:
     raise H.BadConfig(f"cannot load --data {config.data!r}: {e}") from None
-  units = [(s, l) for s in config.settings for l in config.layers]
-  ids = [unit_id(s, l) for s, l in units]
+  # Setting outermost: each setting's network is built once for all its methods and layers.
+  units = [(m, s, l) for s in config.settings for m in config.methods for l in config.layers]
+  ids = [unit_id(*u) for u in units]
   todo = set(run.mine(ids))
   trained, train_stats = (None, None)
   if "init=trained" in config.settings:
@@ -189,30 +204,27 @@ def run(config: Config, run: H.Run) -> dict:
   solver = SolverConfig(max_iters=config.max_iters, cg_iters=config.cg_iters)
   x, n = H.shard_batch(x_all, H.batch_mesh())
   built = {}
-  for (setting, layer), uid in H.progress(zip(units, ids), len(units), "leakage_factors"):
+  for (method, setting, layer), uid in H.progress(zip(units, ids), len(units), "leakage_factors"):
     if uid not in todo:
       continue
-    if setting not in built:  # the network of one setting and its features, kept for that setting's layers
+    if setting not in built:  # the network of one setting and its features, kept for that setting's units
       model, variables = build(config, setting, trained)
       built = {setting: (model, variables, peel_jax.features(model, variables, x))}
     model, variables, feats = built[setting]
     t0 = time.perf_counter()
     x_hat, report = peel_jax.invert_network(model, variables, feats[layer], layer, key=jax.random.key(config.seed),
-                                            config=peel_jax.NetworkConfig.blockwise(block=solver), true_features=feats,
+                                            config=H.network_config(method, solver, config), true_features=feats,
                                             image=x)
     seconds = (time.perf_counter() - t0) / n
     rows = []
     for i in range(n):
-      base = {"setting": setting, "factor": setting.partition("=")[0], "layer": layer, "image": i,
+      base = {"method": method, "setting": setting, "factor": setting.partition("=")[0], "layer": layer, "image": i,
               "name": ds.names[i]}
-      for blk in report.blocks:
-        rows.append({**base, "block": blk.name, "input_rel_error": float(blk.input_rel_error[i]),
-                     "residual": float(blk.residual[i]), "iterations": int(blk.iterations[i]),
-                     "converged": bool(blk.converged[i])})
+      rows += H.block_rows(base, report, i)
       rows.append({**base, "block": "image", "psnr": float(report.psnr[i]), "ssim": float(report.ssim[i]),
                    "mse": float(report.mse[i]), "observation_residual": float(report.observation_residual[i]),
                    "all_blocks_converged": bool(all(b.converged[i] for b in report.blocks[:-1])),
-                   "seconds_per_image": seconds})
+                   **H.image_columns(report, i), "seconds_per_image": seconds})
     rec = _images.denormalize(np.asarray(x_hat)[:n])
     run.save(uid, rows, arrays={"reconstruction": np.round(np.clip(rec, 0, 1) * 255).astype(np.uint8)})
   rows = run.collect(ids)
@@ -226,56 +238,65 @@ def run(config: Config, run: H.Run) -> dict:
 
 
 def summarize(config: Config, rows: list[dict], train_stats: dict | None) -> dict:
+  """Per (method, setting, layer): distributions over images (``peel``: also the block-wise PSNR before the
+  refinement), the blocks' convergence, every image's PSNR."""
   groups = []
-  for setting in config.settings:
-    for layer in config.layers:
-      img = [r for r in rows if r["setting"] == setting and r["layer"] == layer and r["block"] == "image"]
-      blk = [r for r in rows if r["setting"] == setting and r["layer"] == layer and r["block"] not in ("image",)]
-      groups.append({
-          "setting": setting, "layer": layer,
-          **{k: H.describe([r[k] for r in img]) for k in ("psnr", "ssim", "mse", "observation_residual")},
-          "blocks_converged_fraction": float(np.mean([r["converged"] for r in blk if r["block"] != "stem"] or [1])),
-          "per_image_psnr": {r["name"]: r["psnr"] for r in img},
-      })
+  for method in config.methods:
+    for setting in config.settings:
+      for layer in config.layers:
+        unit = [r for r in rows if r["method"] == method and r["setting"] == setting and r["layer"] == layer]
+        img = [r for r in unit if r["block"] == "image"]
+        blk = [r for r in unit if r["block"] not in ("image", "stem")]
+        groups.append({
+            "method": method, "setting": setting, "layer": layer,
+            **{k: H.describe([r[k] for r in img]) for k in ("psnr", "ssim", "mse", "observation_residual")},
+            **H.refine_summary(img),
+            "blocks_converged_fraction": float(np.mean([r["converged"] for r in blk] or [1])),
+            "per_image_psnr": {r["name"]: r["psnr"] for r in img},
+        })
   return {"base": f"{config.arch} ({config.base_variant}), random init seed {config.seed}, branches scaled by "
                   f"{config.branch_gain}",
           "training": train_stats, "groups": groups}
 
 
 def plot_factors(path: str, config: Config, rows: list[dict]) -> None:
-  """Median PSNR per setting (bars), one group of bars per observed layer."""
-  fig = H.figure(max(6.0, 0.5 * len(config.settings) * len(config.layers) + 2), 4.0)
-  ax = fig.add_subplot(1, 1, 1)
+  """Median PSNR per setting (bars), one group of bars per observed layer, one panel per method (one above the
+  other, on a shared PSNR axis)."""
+  fig = H.figure(max(6.0, 0.5 * len(config.settings) * len(config.layers) + 2), 4.0 * len(config.methods))
   w = 0.8 / len(config.settings)
-  for si, setting in enumerate(config.settings):
-    med = [np.median([r["psnr"] for r in rows if r["setting"] == setting and r["layer"] == l
-                      and r["block"] == "image"]) for l in config.layers]
-    ax.bar(np.arange(len(config.layers)) + si * w, np.minimum(med, 150.0), w, label=setting)
-  ax.set_xticks(np.arange(len(config.layers)) + 0.4 - w / 2)
-  ax.set_xticklabels(config.layers)
-  ax.set_ylabel("PSNR dB (median over images)")
-  ax.set_title(f"leakage by factor, {config.arch} ({config.base_variant} base), {config.size}x{config.size}",
-               fontsize=9)
-  ax.legend(fontsize=6, ncol=2)
+  ax = None
+  for mi, method in enumerate(config.methods):
+    ax = fig.add_subplot(len(config.methods), 1, mi + 1, sharey=ax)
+    for si, setting in enumerate(config.settings):
+      med = [np.median([r["psnr"] for r in rows if r["method"] == method and r["setting"] == setting
+                        and r["layer"] == l and r["block"] == "image"]) for l in config.layers]
+      ax.bar(np.arange(len(config.layers)) + si * w, np.minimum(med, 150.0), w, label=setting)
+    ax.set_xticks(np.arange(len(config.layers)) + 0.4 - w / 2)
+    ax.set_xticklabels(config.layers)
+    ax.set_ylabel("PSNR dB (median over images)")
+    ax.set_title(f"{method}: leakage by factor, {config.arch} ({config.base_variant} base), "
+                 f"{config.size}x{config.size}", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   H.save_figure(fig, path)
 
 
 def plot_grid(path: str, config: Config, ds, recs: dict) -> None:
-  """The first image's reconstruction per setting (rows) and layer (columns)."""
-  rows, cols = len(config.settings), 1 + len(config.layers)
+  """The first image's reconstruction per setting and method (rows) and layer (columns)."""
+  pairs = [(s, m) for s in config.settings for m in config.methods]
+  rows, cols = len(pairs), 1 + len(config.layers)
   fig = H.figure(1.4 * cols, 1.4 * rows + 0.3)
-  for si, setting in enumerate(config.settings):
-    ax = fig.add_subplot(rows, cols, si * cols + 1)
+  for ri, (setting, method) in enumerate(pairs):
+    ax = fig.add_subplot(rows, cols, ri * cols + 1)
     ax.imshow(ds.images[0])
-    ax.set_ylabel(setting, fontsize=6)
+    ax.set_ylabel(f"{setting}\n{method}", fontsize=6)
     ax.set_xticks([])
     ax.set_yticks([])
     for li, layer in enumerate(config.layers):
-      ax = fig.add_subplot(rows, cols, si * cols + li + 2)
-      ax.imshow(recs[unit_id(setting, layer)][0])
+      ax = fig.add_subplot(rows, cols, ri * cols + li + 2)
+      ax.imshow(recs[unit_id(method, setting, layer)][0])
       ax.axis("off")
-      if si == 0:
+      if ri == 0:
         ax.set_title(layer, fontsize=7)
   fig.tight_layout()
   H.save_figure(fig, path)

@@ -1,7 +1,9 @@
 """Markdown tables from finished runs: ``python -m experiments.tables OUT [OUT ...]`` (what RESULTS.md quotes).
 
 Each ``OUT`` is a run directory (``OUT/config.json`` and ``OUT/summary.json``); the study is read from its recorded
-command. Every number printed is copied from ``summary.json``; nothing is recomputed.
+command. Every number printed is copied from ``summary.json``; nothing is recomputed. A ``leakage_factors`` or
+``defences`` summary written before those studies had a ``methods`` dimension is shown as method ``peel_blockwise``,
+the only one they ran.
 """
 
 from __future__ import annotations
@@ -50,26 +52,31 @@ def attack(summary: dict) -> list[str]:
   return lines
 
 
+def _method(g: dict) -> str:
+  """A group's method; summaries written before the studies had a ``methods`` dimension are block-wise only."""
+  return g.get("method", "peel_blockwise")
+
+
 def leakage_factors(summary: dict) -> list[str]:
   layers = list(dict.fromkeys(g["layer"] for g in summary["groups"]))
-  lines = ["| setting | " + " | ".join(f"{l} PSNR (obs. residual)" for l in layers) + " |",
-           "|---|" + "---|" * len(layers)]
-  for setting in dict.fromkeys(g["setting"] for g in summary["groups"]):
+  lines = ["| method | setting | " + " | ".join(f"{l} PSNR (obs. residual)" for l in layers) + " |",
+           "|---|---|" + "---|" * len(layers)]
+  for method, setting in dict.fromkeys((_method(g), g["setting"]) for g in summary["groups"]):
     cells = []
     for l in layers:
-      g = next(g for g in summary["groups"] if g["setting"] == setting and g["layer"] == l)
+      g = next(g for g in summary["groups"] if _method(g) == method and g["setting"] == setting and g["layer"] == l)
       cells.append(f"{g['psnr']['median']:.1f} ({g['observation_residual']['median']:.1e})")
-    lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    lines.append(f"| {method} | {setting} | " + " | ".join(cells) + " |")
   return lines
 
 
 def defences(summary: dict) -> list[str]:
-  lines = ["| defence | strength | layer | feature distortion | accuracy | agreement | PEEL PSNR (median) | SSIM | "
-           "KNN distance |", "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| method | defence | strength | layer | feature distortion | accuracy | agreement | PSNR (median) | SSIM | "
+           "KNN distance |", "|---|---|---|---|---|---|---|---|---|---|"]
   for g in summary["groups"]:
-    lines.append(f"| {g['defence']} | {g['strength']:g} | {g['layer']} | {g['feature_distortion']:.3g} | "
-                 f"{g['accuracy']:.3f} | {g['agreement']:.3f} | {g['psnr']['median']:.1f} | "
-                 f"{g['ssim']['median']:.3f} | {g['knn_distance']['median']:.3g} |")
+    lines.append(f"| {_method(g)} | {g['defence']} | {g['strength']:g} | {g['layer']} | "
+                 f"{g['feature_distortion']:.3g} | {g['accuracy']:.3f} | {g['agreement']:.3f} | "
+                 f"{g['psnr']['median']:.1f} | {g['ssim']['median']:.3f} | {g['knn_distance']['median']:.3g} |")
   return lines
 
 

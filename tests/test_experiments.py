@@ -74,35 +74,78 @@ def test_attack_studies_smallest_run(module, tmp_path):
   assert "| peel | layer1 |" in tables.table(out)
 
 
-def test_leakage_factors_smallest_run(tmp_path):
+PEEL_METHODS = ["--peel-iters", "2", "--mv-steps", "3"]  # leakage_factors and defences: method peel, kept tiny
+
+
+def _check_methods(rows: list[dict], key: tuple[str, ...]) -> None:
+  """Both methods have the same image rows, each after its block rows; only ``peel``'s report a refinement."""
+  images = {m: sorted(tuple(r[k] for k in key) for r in rows if r["method"] == m and r["block"] == "image")
+            for m in ("peel", "peel_blockwise")}
+  assert images["peel"] and images["peel"] == images["peel_blockwise"]
+  for r in rows:
+    assert r["method"] in ("peel", "peel_blockwise")
+    if r["block"] != "image":
+      continue
+    assert int(r["null_dim_bound"]) >= 0
+    if r["method"] == "peel":
+      assert np.isfinite(float(r["blockwise_psnr"])) and r["with_prior"] in ("True", "False")
+      assert r["refine_start"] in ("blockwise", "mahendran_vedaldi")
+    else:
+      assert r["blockwise_psnr"] == r["refine_start"] == r["with_prior"] == ""
+  for m in ("peel", "peel_blockwise"):
+    assert [r["block"] for r in rows if r["method"] == m][:4] == ["layer1.1", "layer1.0", "stem", "image"]
+
+
+def test_leakage_factors_smallest_run(tmp_path, capsys):
   out = str(tmp_path / "lf")
   args = ["--out", out, "--settings", "base,init=trained", "--size", "32", "--layers", "layer1", "--images", "1",
-          "--max-iters", "2", "--train-steps", "2"]
-  assert leakage_factors.main(args) == 0
-  rows, summary = _outputs(out)
-  assert {r["setting"] for r in rows} == {"base", "init=trained"}
-  assert summary["training"]["steps"] == 2 and 0 <= summary["training"]["holdout_accuracy"] <= 1
-  assert os.path.exists(os.path.join(out, "factors.png"))
-  assert "| init=trained |" in tables.table(out)
-  # The trained network was cached: a rerun resumes without training again.
+          "--max-iters", "2", "--train-steps", "2", *PEEL_METHODS]
+  # Units are (method, setting, layer): a run stopped after the base's two is resumed from there.
+  assert leakage_factors.main([*args, "--stop-after", "2"]) == H.EXIT_STOPPED
+  parts = sorted(p for p in os.listdir(os.path.join(out, "parts")) if p.endswith(".json"))
+  assert parts == ["peel__base__layer1.json", "peel_blockwise__base__layer1.json"]
+  mtimes = {p: os.path.getmtime(os.path.join(out, "parts", p)) for p in parts}
+  # The trained network was cached by the stopped run: the resumed one does not train again.
   mtime = os.path.getmtime(os.path.join(out, "trained.msgpack"))
   assert leakage_factors.main(args) == 0
   assert os.path.getmtime(os.path.join(out, "trained.msgpack")) == mtime
+  assert {p: os.path.getmtime(os.path.join(out, "parts", p)) for p in parts} == mtimes
+  rows, summary = _outputs(out)
+  assert {r["setting"] for r in rows} == {"base", "init=trained"}
+  _check_methods(rows, ("setting", "layer", "image"))
+  assert summary["training"]["steps"] == 2 and 0 <= summary["training"]["holdout_accuracy"] <= 1
+  groups = {(g["method"], g["setting"]): g for g in summary["groups"]}
+  assert set(groups) == {(m, s) for m in ("peel", "peel_blockwise") for s in ("base", "init=trained")}
+  assert "blockwise_psnr" in groups[("peel", "base")] and "blockwise_psnr" not in groups[("peel_blockwise", "base")]
+  assert os.path.exists(os.path.join(out, "factors.png"))
+  md = tables.table(out)
+  assert "| peel | init=trained |" in md and "| peel_blockwise | init=trained |" in md
+  assert leakage_factors.main(["--out", str(tmp_path / "bad"), "--methods", "peel,magic"]) == 2
+  assert "unknown method(s) ['magic']" in capsys.readouterr().err
 
 
-def test_defences_smallest_run(tmp_path):
+def test_defences_smallest_run(tmp_path, capsys):
   out = str(tmp_path / "def")
   args = ["--out", out, "--gaussian", "0.5", "--quantize", "1", "--dropout", "0.5", "--layers", "layer1",
-          "--images", "1", "--max-iters", "2", "--train-steps", "2", "--utility-images", "16"]
+          "--images", "1", "--max-iters", "2", "--train-steps", "2", "--utility-images", "16", *PEEL_METHODS]
   assert defences.main(args) == 0
   rows, summary = _outputs(out)
+  _check_methods(rows, ("defence", "strength", "layer", "image"))
   settings = {(g["defence"], g["strength"]) for g in summary["groups"]}
   assert settings == {("none", 0.0), ("gaussian", 0.5), ("quantize", 1.0), ("dropout", 0.5)}
-  by = {g["defence"]: g for g in summary["groups"]}
-  assert by["none"]["agreement"] == 1.0 and by["none"]["feature_distortion"] == 0.0
-  assert by["gaussian"]["feature_distortion"] == pytest.approx(0.5, rel=0.2)
+  assert len(summary["groups"]) == 2 * len(settings)
+  by = {(g["method"], g["defence"]): g for g in summary["groups"]}
+  for m in ("peel", "peel_blockwise"):
+    assert by[(m, "none")]["agreement"] == 1.0 and by[(m, "none")]["feature_distortion"] == 0.0
+    assert by[(m, "gaussian")]["feature_distortion"] == pytest.approx(0.5, rel=0.2)
+  for kind, _ in settings:  # both methods attack the same defended features: utility and distortion agree
+    for k in ("accuracy", "agreement", "feature_distortion"):
+      assert by[("peel", kind)][k] == by[("peel_blockwise", kind)][k]
   assert os.path.exists(os.path.join(out, "tradeoff.png"))
-  assert "| quantize | 1 | layer1 |" in tables.table(out)
+  md = tables.table(out)
+  assert "| peel | quantize | 1 | layer1 |" in md and "| peel_blockwise | quantize | 1 | layer1 |" in md
+  assert defences.main(["--out", str(tmp_path / "bad"), "--peel-iters", "0"]) == 2
+  assert "--peel-iters must be >= 1" in capsys.readouterr().err
 
 
 def test_a_killed_run_resumes_where_it_stopped(tmp_path):
