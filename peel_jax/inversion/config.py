@@ -13,6 +13,9 @@ DRIVERS = ("loop", "scan")
 STEM_METHODS = ("bounded", "two_stage", "direct")
 REFINE_STARTS = ("blockwise", "best")
 PRIORS = (None, "tv", "auto")
+PRIOR_RHO = 10.0
+POOL_CHOICE_RHO = 100.0
+PAST_POOL_RHO = 1.0
 
 
 def _hashable_box(box):
@@ -56,7 +59,11 @@ class NetworkConfig:
       :func:`peel_jax.certify_network`: the observation cannot determine them), no prior on the others (when no
       image of the batch needs it, exactly the ``None`` refinement).
     prior_weight: ``lambda_tv`` of the ``'tv'`` prior, in the Mahendran-Vedaldi baseline's units (> 0).
-    prior_rho: the augmented-Lagrangian penalty of the prior's refinement.
+    prior_rho: the augmented-Lagrangian penalty of the prior's refinement; ``None`` chooses by where ``layer`` is
+      (never by the image): :data:`POOL_CHOICE_RHO` where the window maxima are chosen (a max-pooled stem's
+      output: an exact preimage is reached sooner), :data:`PAST_POOL_RHO` past a max-pool (where the equality
+      through the pool stalls short of an exact preimage, a softer penalty lets the prior steer: a higher PSNR at
+      the same observation residual), :data:`PRIOR_RHO` elsewhere. Measurements: ``benchmarks/RESULTS.md``.
   """
 
   block: SolverConfig = SolverConfig()
@@ -73,7 +80,7 @@ class NetworkConfig:
   block_solver: Callable | None = None
   prior: str | None = "auto"
   prior_weight: float = 1e-3
-  prior_rho: float = 100.0
+  prior_rho: float | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "box", _hashable_box(self.box))
@@ -101,7 +108,7 @@ class NetworkConfig:
       raise ValueError(f"mv_steps must be >= 1 and mv_lambda_tv >= 0, got {self.mv_steps!r}, {self.mv_lambda_tv!r}")
     if self.prior == "tv" and self.refine_iters < 1:
       raise ValueError(f"prior={self.prior!r} acts in the refinement: it needs refine_iters >= 1")
-    if not (self.prior_weight > 0 and self.prior_rho > 0):
+    if not (self.prior_weight > 0 and (self.prior_rho is None or self.prior_rho > 0)):
       raise ValueError(f"prior_weight and prior_rho must be > 0, got {self.prior_weight!r}, {self.prior_rho!r}")
     self.block.validate()
     self.stem_config.validate()

@@ -22,6 +22,7 @@ from peel_jax._certify import certify_block
 from peel_jax._certify_network import informative_values
 from peel_jax._features import features
 from peel_jax.inversion import plan as _plan
+from peel_jax.inversion import config as _config
 from peel_jax.inversion.config import NetworkConfig
 from peel_jax.inversion.drivers import Clock, Progress, Solved, run_units
 from peel_jax.inversion.report import BlockReport, NetworkReport, RefineReport
@@ -105,6 +106,17 @@ def _with_prior(model, layer, observed, x_img, prior) -> jax.Array:
   return informative_values(model, layer, observed) < np.prod(x_img.shape[1:])
 
 
+def _prior_rho(model, layer, cfg: NetworkConfig) -> float:
+  if cfg.prior_rho is not None:
+    return cfg.prior_rho
+  from peel_jax.problems import pool_choice
+
+  if pool_choice.applies(model, layer):
+    return _config.POOL_CHOICE_RHO
+  past_pool = model.stem_pool == "max" and layer not in ("relu", "maxpool")
+  return _config.PAST_POOL_RHO if past_pool else _config.PRIOR_RHO
+
+
 def _refine_solve(model, variables, layer, observed, x_img, cfg: NetworkConfig, box, with_prior):
   """``(x, iterations)``: the prior-free fit where no image gets the prior, else the smoothest exact preimage
   (``lambda_tv`` 0 on the images without the prior), from ``x_img``."""
@@ -114,7 +126,7 @@ def _refine_solve(model, variables, layer, observed, x_img, cfg: NetworkConfig, 
     return refine_image(model, variables, layer, observed, x, box=box, config=cfg.stem_config, iters=cfg.refine_iters)
 
   def smoothest(x):
-    config = dataclasses.replace(cfg.stem_config, rho=cfg.prior_rho)
+    config = dataclasses.replace(cfg.stem_config, rho=_prior_rho(model, layer, cfg))
     lam = jnp.where(with_prior, jnp.float32(cfg.prior_weight), jnp.float32(0.0))
     x, k, _ = natural_preimage(model, variables, layer, observed, x, box=box, lambda_tv=lam,
                                pixel_scale=pixel_scale(cfg.box), config=config, iters=cfg.refine_iters)
