@@ -249,10 +249,10 @@ def test_default_prior_acts_exactly_where_the_counts_leave_the_image_underdeterm
 
 
 def test_prior_penalty_is_chosen_by_where_the_layer_is():
-  """``prior_rho=None``: 100 where the window maxima are chosen, 1 past a max-pool, 10 elsewhere; a set value wins."""
+  """``prior_rho=None``: 100 where the window maxima are chosen, 0.1 past a max-pool, 10 elsewhere; a set value wins."""
   from peel_jax.inversion.network import _prior_rho
 
   tv, paper, cfg = models.resnet18(), models.resnet18(**models.paper_variant()), NetworkConfig()
-  assert [_prior_rho(tv, l, cfg) for l in ("relu", "maxpool", "layer1", "layer3.1")] == [10.0, 100.0, 1.0, 1.0]
+  assert [_prior_rho(tv, l, cfg) for l in ("relu", "maxpool", "layer1", "layer3.1")] == [10.0, 100.0, 0.1, 0.1]
   assert [_prior_rho(paper, l, cfg) for l in ("relu", "layer1", "layer4")] == [10.0, 10.0, 10.0]
   assert _prior_rho(tv, "layer1", NetworkConfig(prior_rho=3.0)) == 3.0

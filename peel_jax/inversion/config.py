@@ -15,7 +15,7 @@ REFINE_STARTS = ("blockwise", "best")
 PRIORS = (None, "tv", "auto")
 PRIOR_RHO = 10.0
 POOL_CHOICE_RHO = 100.0
-PAST_POOL_RHO = 1.0
+PAST_POOL_RHO = 0.1
 
 
 def _hashable_box(box):
