@@ -418,7 +418,7 @@ def _demo_figure(path, img, runs: dict) -> None:
   """Rows: the paper variant block-wise, the paper variant refined, the torchvision network refined."""
   rows = [("paper", 0, "block-wise"), ("paper", 1, "refined"), ("torchvision", 1, "torchvision")]
   cols = 1 + max(len(r) for r in runs.values())
-  fig = _figure(2.3 * cols, 2.6 * len(rows))
+  fig = _figure(2.6 * cols, 2.8 * len(rows))
   ax = fig.add_subplot(len(rows), cols, 1)
   ax.imshow(img)
   ax.set_title("original", fontsize=9)
@@ -430,7 +430,7 @@ def _demo_figure(path, img, runs: dict) -> None:
       how = label if which == 0 else f"{label}, {_START_LABEL[rep.refine.start[0]]}"
       ax = fig.add_subplot(len(rows), cols, r * cols + c + 2)
       ax.imshow(np.clip(run[which], 0, 1), interpolation="nearest")
-      ax.set_title(f"{layer} {how}\nPSNR {float(psnr[0]):.1f} dB, {_verdict(rep)}", fontsize=7)
+      ax.set_title(f"{layer} {how}\nPSNR {float(psnr[0]):.1f} dB\n{_verdict(rep)}", fontsize=7)
       ax.axis("off")
   fig.suptitle(f"PEEL on resnet18: paper variant (branches x{DEMO_GAIN}; top two rows) and torchvision "
                "(BatchNorm, post-add ReLU, max-pool; bottom row), random init", fontsize=10)
