@@ -17,7 +17,7 @@ import pytest
 
 from peel_jax import images, models, port
 from peel_jax._certify_network import STATUSES
-from peel_jax.audit import _summary
+from peel_jax.audit import _inputs, _summary
 from peel_jax.cli import main
 
 # Tiny and fast: 96 px, two split points, 2 LM iterations per block, no refinement.
@@ -188,8 +188,16 @@ def test_other_results_are_refused_without_overwrite(audited, folder, capsys):
 
 
 def test_sharded_over_two_devices_equals_one(audited, folder, tmp_path):
+  # The child gets the single run's seeded random init as a weights file: the same values (the port is exact), without
+  # compiling the init's random-number programs again (about 10 s of CPU).
+  c = json.loads(_read(os.path.join(audited, "config.json")))["config"]
+  assert c["weights"] is None
+  variables = _inputs.load_variables(_inputs.get_model(c["arch"], c["variant"]), c["arch"], c["variant"], None,
+                                     c["seed"], c["size"])
+  weights = _save_torchvision(variables, c["arch"], str(tmp_path / "init.safetensors"))
   out = str(tmp_path / "sharded")
-  args = ["audit", "--images", folder, "--out", out, *FAST[:2], "--layers", "maxpool", *FAST[4:], "--no-certify"]
+  args = ["audit", "--images", folder, "--out", out, *FAST[:2], "--layers", "maxpool", *FAST[4:], "--no-certify",
+          "--weights", weights]
   code = (f"import sys, jax; from peel_jax.cli import main; assert jax.device_count() == 2; "
           f"sys.exit(main({args!r}))")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -203,16 +211,19 @@ def test_sharded_over_two_devices_equals_one(audited, folder, tmp_path):
     assert float(a["observation_residual"]) == pytest.approx(float(b["observation_residual"]), rel=1e-2)
 
 
-def _weights_of(tmp_path, arch: str) -> str:
+def _save_torchvision(variables, arch: str, path: str) -> str:
   from safetensors.numpy import save_file
 
+  save_file({k: np.ascontiguousarray(a) for k, a in port.to_torchvision(variables, arch).items()}, path)
+  return path
+
+
+def _weights_of(tmp_path, arch: str) -> str:
   # The architecture is told by the keys and shapes alone: zeros of the init's shapes, without running the init (an
   # eager resnet34 init compiles a program per op and weight shape, seconds of CPU).
   shapes = jax.eval_shape(models.get_model(arch).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   v = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  path = str(tmp_path / f"{arch}.safetensors")
-  save_file({k: np.ascontiguousarray(a) for k, a in port.to_torchvision(v, arch).items()}, path)
-  return path
+  return _save_torchvision(v, arch, str(tmp_path / f"{arch}.safetensors"))
 
 
 def _bad_case(case: str, tmp_path, folder) -> tuple[list[str], str]:

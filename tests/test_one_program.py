@@ -22,20 +22,27 @@ from peel_jax.cli import scale_branches
 BLOCK = SolverConfig(max_iters=4, cg_iters=5)
 
 
-def _tiny(stem_pool="none", n=2):
-  """Paper-variant resnet34 (layer1: three blocks, two stacked for scan) at 32x32, branches x0.3."""
-  if stem_pool == "none":
-    model = models.resnet34(small_stem=True, **models.paper_variant())
-  else:
-    model = models.resnet18(**{**models.paper_variant(), "stem_pool": stem_pool})
+def _photos(n):
+  """``n`` bundled photos at 32x32, normalised."""
   names = ["chelsea", "coffee", "astronaut", "grace_hopper"]
-  x = jnp.asarray(images.normalize(np.stack([images.bundled(names[i % 4], 32) for i in range(n)])))
-  v = scale_branches(model.init(jax.random.key(2), x), 0.3)
-  return model, v, x
+  return jnp.asarray(images.normalize(np.stack([images.bundled(names[i % 4], 32) for i in range(n)])))
 
 
-def test_jitted_whole_pass_agrees_with_the_loop_driver_and_does_not_retrace():
-  model, v, x = _tiny()
+def _tiny(model, n):
+  """``model`` at 32x32 on ``n`` photos, branches x0.3: ``(model, variables, x)``."""
+  x = _photos(n)
+  return model, scale_branches(model.init(jax.random.key(2), x), 0.3), x
+
+
+@pytest.fixture(scope="module")
+def resnet34():
+  """Paper-variant resnet34 (layer1: three blocks, two stacked for scan) on two photos: built once, as its init
+  compiles a random-number program per weight shape (about 10 s of CPU); the sharded test hands it to its process."""
+  return _tiny(models.resnet34(small_stem=True, **models.paper_variant()), 2)
+
+
+def test_jitted_whole_pass_agrees_with_the_loop_driver_and_does_not_retrace(resnet34):
+  model, v, x = resnet34
   y = peel_jax.features(model, v, x, "layer1")["layer1"]
   cfg = NetworkConfig.blockwise(block=BLOCK, driver="scan", refine_iters=2)
 
@@ -62,7 +69,7 @@ def test_jitted_whole_pass_agrees_with_the_loop_driver_and_does_not_retrace():
 
 
 def test_jitted_pass_runs_the_pooled_stem_and_refuses_certification():
-  model, v, x = _tiny(stem_pool="max", n=1)
+  model, v, x = _tiny(models.resnet18(**{**models.paper_variant(), "stem_pool": "max"}), 1)
   y = peel_jax.features(model, v, x, "maxpool")["maxpool"]
   cfg = NetworkConfig.blockwise(block=BLOCK, driver="scan")
   xj, rj = jax.jit(functools.partial(peel_jax.invert_network, model, v, layer="maxpool", config=cfg))(y)
@@ -75,18 +82,21 @@ def test_jitted_pass_runs_the_pooled_stem_and_refuses_certification():
                               config=NetworkConfig.blockwise(block=BLOCK, driver="scan", certify=True)))(y1)
 
 
+# The variables come from the parent (the module's resnet34, msgpack): the same values the child's own init would
+# give (an init's values depend on the key and the weight shapes only), without compiling that init again.
 SHARDED = textwrap.dedent("""
-    import functools, jax, jax.numpy as jnp, numpy as np
+    import functools, sys, jax, jax.numpy as jnp, numpy as np
+    from flax import serialization
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import peel_jax
     from peel_jax import NetworkConfig, SolverConfig, images, models
-    from peel_jax.cli import scale_branches
     assert jax.device_count() == 8, jax.devices()
     model = models.resnet34(small_stem=True, **models.paper_variant())
     names = ["chelsea", "coffee", "astronaut", "grace_hopper"]
     x = jnp.asarray(images.normalize(np.stack([images.bundled(names[i % 4], 32) for i in range(8)])))
     x = x + 0.01 * jnp.arange(8.0)[:, None, None, None]
-    v = scale_branches(model.init(jax.random.key(2), x), 0.3)
+    with open(sys.argv[1], "rb") as f:
+      v = jax.tree.map(jnp.asarray, serialization.msgpack_restore(f.read()))
     y = peel_jax.features(model, v, x, "layer1")["layer1"]
     # Solves that converge (small branches, enough iterations): unconverged ones amplify rounding differences.
     cfg = NetworkConfig.blockwise(block=SolverConfig(max_iters=40, cg_iters=10), driver="scan")
@@ -106,9 +116,14 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-def test_sharded_jitted_pass_equals_the_unsharded_pass():
+def test_sharded_jitted_pass_equals_the_unsharded_pass(resnet34, tmp_path):
+  from flax import serialization
+
+  _, v, _ = resnet34
+  (tmp_path / "variables.msgpack").write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, v)))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=1200,
+  out = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "variables.msgpack")], env=env,
+                       capture_output=True, text=True, timeout=1200,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert "SHARDED_OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
   print(out.stdout)
