@@ -174,10 +174,11 @@ class NetworkReport:
       lines.append(f"refined end to end ({int(np.max(self.refine.iterations))} iterations, the TV prior on {prior} "
                    f"of {np.size(self.refine.with_prior)} images) from the block-wise estimate (observation residual "
                    f"{np.mean(b['observation_residual']):.2e}{before})")
-    under = int(np.sum(np.asarray(self.null_dim_bound) > 0))
+    bounds = np.asarray(self.null_dim_bound)
+    under = "" if not np.any(bounds > 0) else f" (null-space dimension >= {int(np.min(bounds[bounds > 0]))})"
     lines.append(f"observation residual {np.mean(self.observation_residual):.2e}, {_seconds(self.seconds):.1f} s; "
-                 f"by count the observation leaves {under} of {np.size(self.null_dim_bound)} images underdetermined "
-                 f"(null-space dimension >= {int(np.min(self.null_dim_bound))})")
+                 f"by count the observation leaves {int(np.sum(bounds > 0))} of {bounds.size} images "
+                 f"underdetermined{under}")
     return "\n".join(lines)
 
   def to_numpy(self) -> "NetworkReport":
