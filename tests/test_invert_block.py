@@ -87,7 +87,7 @@ def test_beats_authors_on_paper_toy():
 
 
 def test_images_are_independent():
-  p = _problem("basic", 1.0, n=3)
+  p = _problem("basic", 1.0)  # test_exact_preimage's batch of 4: its compiled solve serves here too
   x_all, info_all = invert_block(p.block, p.y)
   x_one, info_one = invert_block(p.block, p.y[1:2])
   np.testing.assert_array_equal(np.asarray(info_all.iterations)[1], np.asarray(info_one.iterations)[0])
