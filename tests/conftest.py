@@ -23,6 +23,23 @@ def pytest_configure(config):
   config.stash[_REL_ERRORS] = {}
 
 
+def _merge_rel_errors(errors: dict, new: dict):
+  for name, err in new.items():
+    errors[name] = max(float(err), errors.get(name, 0.0))
+
+
+def pytest_sessionfinish(session):
+  """Under pytest-xdist (``make test``), a worker hands its errors to the controller, which prints the summary."""
+  workeroutput = getattr(session.config, "workeroutput", None)
+  if workeroutput is not None:
+    workeroutput["rel_errors"] = dict(session.config.stash[_REL_ERRORS])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  _merge_rel_errors(node.config.stash[_REL_ERRORS], getattr(node, "workeroutput", {}).get("rel_errors", {}))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
   errors = config.stash.get(_REL_ERRORS, {})
   if not errors:
@@ -42,7 +59,7 @@ def record_rel_error(request):
   errors = request.config.stash[_REL_ERRORS]
 
   def record(name: str, err: float):
-    errors[name] = max(float(err), errors.get(name, 0.0))
+    _merge_rel_errors(errors, {name: err})
 
   return record
 
