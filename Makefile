@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # Two pytest-xdist workers, a whole test file each at a time (a file's tests share compiled programs): on 2 cores,
-# 17-22% less wall time than one process (which keeps only about 1.4 of the 2 cores busy: XLA compiles on one thread).
+# 11-22% less wall time than one process (which keeps only about 1.4 of the 2 cores busy: XLA compiles on one thread).
 test: setup
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
