@@ -72,8 +72,7 @@ class AttackConfig:
       default=("peel", "peel_blockwise", "authors", "mahendran_vedaldi"), metadata={"help": f"of {METHODS}"})
   max_iters: int = dataclasses.field(default=30, metadata={"help": "PEEL solver iterations per block"})
   cg_iters: int = dataclasses.field(default=20, metadata={"help": "PEEL CG iterations per LM step"})
-  peel_iters: int = dataclasses.field(default=200, metadata={
-      "help": "iterations towards an exact preimage after the block-wise pass, method peel"})
+  peel_iters: int = H.peel_iters_field()
   refine_iters: int = dataclasses.field(default=40, metadata={
       "help": "end-to-end iterations of peel_refined and peel_hybrid"})
   authors_steps: int = dataclasses.field(default=1000, metadata={"help": "Adam steps per block, authors' solver"})
@@ -148,12 +147,12 @@ def _invert(method: str, config: AttackConfig, model, variables, observed, layer
   if method == "mahendran_vedaldi":
     x_hat, info = mahendran_vedaldi(model, variables, observed, layer, key=key, steps=config.mv_steps)
     return x_hat, None, np.asarray(info.residual)
-  if method == "peel":
-    net = peel_jax.NetworkConfig(block=solver, refine_iters=config.peel_iters, mv_steps=config.mv_steps)
+  if method in H.PEEL_METHODS:
+    net = H.network_config(method, solver, config)
   else:
     kw = {"peel_refined": {"refine_iters": config.refine_iters},
           "peel_hybrid": {"refine_iters": config.refine_iters, "refine_start": "best", "mv_steps": config.mv_steps},
-          "authors": {"block_solver": functools.partial(authors_penalty, steps=config.authors_steps)}}.get(method, {})
+          "authors": {"block_solver": functools.partial(authors_penalty, steps=config.authors_steps)}}[method]
     net = peel_jax.NetworkConfig.blockwise(block=solver, **kw)
   x_hat, report = peel_jax.invert_network(model, variables, observed, layer, key=key, config=net, image=image)
   return x_hat, report, np.asarray(report.observation_residual)

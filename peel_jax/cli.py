@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
   inv.add_argument("--max-iters", type=int, default=None, help="solver iterations per block (default: the solver's)")
   inv.add_argument("--cg-iters", type=int, default=None, help="CG iterations per LM step (default: the solver's)")
   inv.add_argument("--driver", default="loop", choices=("loop", "scan"), help="block driver (loop: fastest on CPU)")
-  default = _default_network_config()
+  from peel_jax.inversion.config import NetworkConfig  # light: no JAX computation at import
+
+  default = NetworkConfig()
   inv.add_argument("--refine", type=int, default=default.refine_iters, metavar="N",
                    help="N iterations towards an exact preimage after the block-wise pass (default "
                         f"{default.refine_iters}; 0: the paper's block-wise attack alone)")
@@ -444,12 +446,6 @@ def _audit(args) -> int:
     return command(args)
   except BadConfig as e:
     raise BadInput(str(e)) from None
-
-
-def _default_network_config():
-  from peel_jax.inversion.config import NetworkConfig  # light: no JAX computation at import
-
-  return NetworkConfig()
 
 
 def main(argv: list[str] | None = None) -> int:

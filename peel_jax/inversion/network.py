@@ -81,7 +81,7 @@ def _figures(model, variables, layer, x, observed, image):
   return out
 
 
-def _refine(model, variables, layer, observed, x_img, figures, key, cfg: NetworkConfig, box):
+def _refine(model, variables, layer, observed, x_img, figures, key, cfg: NetworkConfig, box, underdetermined):
   """The end-to-end refinement from the block-wise (or the better of it and M-V's) estimate."""
   clock = Clock(observed)
   from_prior = jnp.zeros(observed.shape[:1], bool)
@@ -92,18 +92,10 @@ def _refine(model, variables, layer, observed, x_img, figures, key, cfg: Network
                                 box=cfg.box, steps=cfg.mv_steps, lambda_tv=cfg.mv_lambda_tv)
     from_prior = _plan.observation_residual(model, variables, layer, x_mv, observed) < figures["observation_residual"]
     x_img = jnp.where(from_prior[:, None, None, None], x_mv, x_img)
-  with_prior = _with_prior(model, layer, observed, x_img, cfg.prior)
+  with_prior = underdetermined if cfg.prior == "auto" else jnp.full(underdetermined.shape, cfg.prior is not None)
   x_img, k = _refine_solve(model, variables, layer, observed, x_img, cfg, box, with_prior)
   return x_img, RefineReport(iterations=k, seconds=clock.stop(x_img), from_prior=from_prior, with_prior=with_prior,
                              blockwise=figures)
-
-
-def _with_prior(model, layer, observed, x_img, prior) -> jax.Array:
-  """``(N,)`` bool: the images the refinement gives the prior (``'auto'``: those the counts leave underdetermined)."""
-  n = observed.shape[0]
-  if prior is None or prior == "tv":
-    return jnp.full((n,), prior is not None)
-  return informative_values(model, layer, observed) < np.prod(x_img.shape[1:])
 
 
 def _prior_rho(model, layer, cfg: NetworkConfig) -> float:
@@ -217,12 +209,12 @@ def invert_network(model, variables, observed: jax.Array, layer: str, *, config:
   reports = _reports(model, layer, solved, truth, _certificates(solved[:-1], key, cfg) + [None])
   x_img = solved[-1].x_hat
   figures = _figures(model, variables, layer, x_img, observed, image)
-  refine = None
-  if cfg.refine_iters > 0:
-    x_img, refine = _refine(model, variables, layer, observed, x_img, figures, key, cfg, box)
-    figures = _figures(model, variables, layer, x_img, observed, image)
   informative = informative_values(model, layer, observed)
   null_bound = jnp.maximum(0, np.prod(x_img.shape[1:]) - informative)
+  refine = None
+  if cfg.refine_iters > 0:
+    x_img, refine = _refine(model, variables, layer, observed, x_img, figures, key, cfg, box, null_bound > 0)
+    figures = _figures(model, variables, layer, x_img, observed, image)
   report = NetworkReport(blocks=reports, seconds=clock.stop(x_img), refine=refine, informative_values=informative,
                          null_dim_bound=null_bound,
                          estimates={r.name: r.x_hat for r in solved}, layer=layer, driver=cfg.driver,
