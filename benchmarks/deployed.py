@@ -21,7 +21,8 @@ Methods (``--methods``):
   (its steps are set from a timed 50-step run; run ``peel`` first).
 
 Each (network, layer, method) over the batch of images is one unit, written atomically to ``OUT/units/*.json`` when
-done; a rerun skips finished units, so a killed run resumes. Per image: PSNR, SSIM, the observation residual, and
+done; a rerun skips finished units, so a killed run resumes. A finished unit run on other images, size or seed is
+refused (exit status 2), never mixed into the table. Per image: PSNR, SSIM, the observation residual, and
 the count certificate (:func:`peel_jax.certify_network` with ``lanczos_iters=0``: status and null-space bound).
 ``OUT/table.md`` is rebuilt from every finished unit.
 """
@@ -141,21 +142,36 @@ def solve(method: str, model, variables, observed, layer, image, peel_seconds: f
   return x_hat, extra
 
 
-def run_unit(network, layer, method, model, variables, x, names, out):
+class MixedRun(Exception):
+  """A finished unit in ``--out`` was run on other images, size or seed than this run asks for."""
+
+
+def load_unit(path: str, names: list[str], size: int, seed: int) -> dict | None:
+  """The finished unit at ``path`` (``None`` if absent); raises :class:`MixedRun` if its setting differs."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rec = json.load(f)
+  ran = (rec["images"], rec.get("size", size), rec.get("seed", seed))  # records before size/seed: images only
+  if ran != (names, size, seed):
+    raise MixedRun(f"{path} was run on images {ran[0]} at size {ran[1]}, seed {ran[2]}; this run asks for {names} "
+                   f"at size {size}, seed {seed}: use another --out")
+  return rec
+
+
+def run_unit(network, layer, method, model, variables, x, names, out, seed: int = 0):
   """Runs one unit (if not done) and returns its record."""
   import peel_jax
   from peel_jax import images, metrics
   from peel_jax.runs import write_json
 
+  size = int(x.shape[1])
   path = os.path.join(out, "units", unit_name(network, layer, method) + ".json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  peel_path = os.path.join(out, "units", unit_name(network, layer, "peel") + ".json")
-  peel_seconds = None
-  if os.path.exists(peel_path):
-    with open(peel_path) as f:
-      peel_seconds = json.load(f)["seconds"]
+  rec = load_unit(path, names, size, seed)
+  if rec is not None:
+    return rec
+  peel = load_unit(os.path.join(out, "units", unit_name(network, layer, "peel") + ".json"), names, size, seed)
+  peel_seconds = None if peel is None else peel["seconds"]
   observed = peel_jax.features(model, variables, x, layer)[layer]
   t = time.perf_counter()
   x_hat, extra = solve(method, model, variables, observed, layer, x, peel_seconds)
@@ -163,8 +179,8 @@ def run_unit(network, layer, method, model, variables, x, names, out):
   seconds = time.perf_counter() - t
   m = metrics.image_metrics(np.asarray(images.denormalize(x_hat)), np.asarray(images.denormalize(x)))
   cert = peel_jax.certify_network(model, variables, observed, layer, x_hat, lanczos_iters=0)
-  rec = {"network": network, "layer": layer, "method": method, "images": names, "seconds": seconds,
-         "seconds_per_image": seconds / len(names), "psnr": np.asarray(m["psnr"]).tolist(),
+  rec = {"network": network, "layer": layer, "method": method, "images": names, "size": size, "seed": seed,
+         "seconds": seconds, "seconds_per_image": seconds / len(names), "psnr": np.asarray(m["psnr"]).tolist(),
          "ssim": np.asarray(m["ssim"]).tolist(), "observation_residual": np.asarray(cert.observation_residual).tolist(),
          "status": list(cert.status), "null_dim_bound": np.asarray(cert.null_dim_bound).tolist(), **extra}
   write_json(path, rec)
@@ -220,7 +236,11 @@ def main(argv=None) -> int:
       if layer == "maxpool" and network.startswith("paper"):
         continue  # the paper variant has no stem pool
       for method in methods:
-        rec = run_unit(network, layer, method, model, variables, x, names, a.out)
+        try:
+          rec = run_unit(network, layer, method, model, variables, x, names, a.out, a.seed)
+        except MixedRun as e:
+          print(f"deployed: error: {e}", file=sys.stderr)
+          return 2
         print(markdown([rec]).splitlines()[-1], flush=True)
   records = []
   for path in sorted(glob.glob(os.path.join(a.out, "units", "*.json"))):

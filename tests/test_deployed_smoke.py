@@ -25,8 +25,9 @@ def test_smallest_unit_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(deployed, "build_network", lambda name, size, seed: (
       tiny, tiny.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))))
   out = str(tmp_path / "d")
-  argv = ["--out", out, "--networks", "paper_0.3", "--layers", "maxpool,layer1", "--methods", "peel_blockwise",
-          "--images", "astronaut", "--size", "32"]
+  opts = {"--out": out, "--networks": "paper_0.3", "--layers": "maxpool,layer1", "--methods": "peel_blockwise",
+          "--images": "astronaut", "--size": "32"}
+  argv = [t for kv in opts.items() for t in kv]
   assert deployed.main(argv) == 0
   units = os.listdir(os.path.join(out, "units"))
   assert units == ["paper_0.3__layer1__peel_blockwise.json"]  # no stem pool in the paper variant: no maxpool unit
@@ -43,6 +44,11 @@ def test_smallest_unit_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
   assert "| paper_0.3 | layer1 | peel_blockwise |" in table and table.count("\n") == 3
   assert deployed.main(["--out", out, "--methods", "magic"]) == 2
   assert "unknown network, layer or method ['magic']" in capsys.readouterr().err
+  for flag, value in (("--images", "coffee"), ("--size", "64"), ("--seed", "1")):  # the finished unit is not mixed in
+    assert deployed.main([t for kv in {**opts, flag: value}.items() for t in kv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was run on images ['astronaut'] at size 32, seed 0" in err, err
+  assert os.path.getmtime(os.path.join(out, "units", units[0])) == mtime and calls == ["peel_blockwise"]
 
 
 def test_random_batch_stats_change_batchnorm_only():
