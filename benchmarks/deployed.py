@@ -193,15 +193,15 @@ def _spread(v, fmt) -> str:
 
 
 def markdown(records: list[dict]) -> str:
-  """One row per (network, layer, method): PSNR and SSIM median (min-max), the largest observation residual, the
-  certificate, s/image."""
-  lines = ["| network | observed | method | PSNR dB | SSIM | residual (max) | status, null-space bound | s/image |",
-           "|---|---|---|---|---|---|---|---|"]
+  """One row per (network, layer, method): the image count, PSNR and SSIM median (min-max), the largest observation
+  residual, the certificate, s/image."""
+  lines = ["| network | observed | method | images | PSNR dB | SSIM | residual (max) | status, null-space bound | s/image |",
+           "|---|---|---|---|---|---|---|---|---|"]
   order = {n: i for i, n in enumerate(NETWORKS)}
   for r in sorted(records, key=lambda r: (order.get(r["network"], 99), LAYERS.index(r["layer"]), r["method"])):
     status = ", ".join(sorted(set(r["status"])))
-    lines.append(f"| {r['network']} | {r['layer']} | {r['method']} | {_spread(r['psnr'], '.1f')} | "
-                 f"{_spread(r['ssim'], '.3f')} | {max(r['observation_residual']):.1e} | {status}, "
+    lines.append(f"| {r['network']} | {r['layer']} | {r['method']} | {len(r['images'])} | "
+                 f"{_spread(r['psnr'], '.1f')} | {_spread(r['ssim'], '.3f')} | {max(r['observation_residual']):.1e} | {status}, "
                  f">= {min(r['null_dim_bound'])} | {r['seconds_per_image']:.0f} |")
   return "\n".join(lines)
 

@@ -41,7 +41,7 @@ def test_smallest_unit_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
   assert os.path.getmtime(os.path.join(out, "units", units[0])) == mtime and calls == ["peel_blockwise"]
   with open(os.path.join(out, "table.md")) as f:
     table = f.read()
-  assert "| paper_0.3 | layer1 | peel_blockwise |" in table and table.count("\n") == 3
+  assert "| paper_0.3 | layer1 | peel_blockwise | 1 |" in table and table.count("\n") == 3
   assert deployed.main(["--out", out, "--methods", "magic"]) == 2
   assert "unknown network, layer or method ['magic']" in capsys.readouterr().err
   for flag, value in (("--images", "coffee"), ("--size", "64"), ("--seed", "1")):  # the finished unit is not mixed in
