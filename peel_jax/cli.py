@@ -39,10 +39,6 @@ DEMO_MAX_ITERS = 30
 DEMO_CG_ITERS = 20
 DEMO_REFINE = 40
 DEMO_REFINE_START = "best"
-# Paper layers refined from the block-wise estimate alone: layer1's blocks are stride-1 identity blocks with small
-# branches, and the block-wise pass reproduces the observation to the solver's tolerance there (4e-7), so a
-# Mahendran-Vedaldi estimate (400 steps, 19 of the demo's seconds at load 3) cannot be the better start.
-DEMO_BLOCKWISE_START = ("layer1",)
 # torchvision layer2 (21.1 dB; 200 s at load 3, a quarter of the demo) left out: the demo's time budget.
 DEMO_TV_LAYERS = ("maxpool", "layer1")
 DEMO_TV_REFINE = 200
@@ -55,8 +51,8 @@ DEMO_EXPLANATION = (
     "method can claim the input). Stride-2 blocks have fewer outputs than inputs: block-wise inversion returns a "
     "preimage, so each run is also refined end to end on the pixels (LM on the whole map pixels -> layer, no prior), "
     "starting per image from whichever of the block-wise estimate and a Mahendran-Vedaldi estimate (total-variation "
-    "prior) reproduces the observation better (at {blockwise_start}, where the block-wise pass is exact, from the "
-    "block-wise estimate alone); where the counts leave the image underdetermined (layer4) the "
+    "prior) reproduces the observation better (no such estimate is made where the block-wise pass already reproduces "
+    "it to the solver's tolerance, as at layer1); where the counts leave the image underdetermined (layer4) the "
     "refinement seeks the exact preimage of least total variation. Beside it, the network people deploy: "
     "torchvision's resnet18 (BatchNorm, post-add ReLUs, a max-pool), random init, observed at {tv_layers}, where "
     "the counts leave every image underdetermined: the default attack ({tv_refine} iterations towards the smoothest "
@@ -357,30 +353,24 @@ def _demo(args) -> int:
   from peel_jax.solver.config import SolverConfig
 
   explanation = DEMO_EXPLANATION.format(seed=DEMO_SEED, gain=DEMO_GAIN, image=DEMO_IMAGE, size=DEMO_SIZE,
-                                        tv_layers=", ".join(DEMO_TV_LAYERS), tv_refine=DEMO_TV_REFINE,
-                                        blockwise_start=", ".join(DEMO_BLOCKWISE_START) or "no layer")
+                                        tv_layers=", ".join(DEMO_TV_LAYERS), tv_refine=DEMO_TV_REFINE)
   print(explanation, flush=True)
   img = images.bundled(DEMO_IMAGE, DEMO_SIZE)
   x = jnp.asarray(images.normalize(img))[None]
   paper = models.resnet18(**models.paper_variant())
   tv = models.resnet18()
   block = SolverConfig(max_iters=DEMO_MAX_ITERS, cg_iters=DEMO_CG_ITERS)
-  paper_cfg = lambda layer: peel_jax.NetworkConfig(
-      block=block, refine_iters=DEMO_REFINE,
-      refine_start="blockwise" if layer in DEMO_BLOCKWISE_START else DEMO_REFINE_START)
+  paper_cfg = peel_jax.NetworkConfig(block=block, refine_iters=DEMO_REFINE, refine_start=DEMO_REFINE_START)
   tv_cfg = peel_jax.NetworkConfig(block=block, refine_iters=DEMO_TV_REFINE, mv_steps=DEMO_TV_MV_STEPS)
-  nets = {  # name: (model, variables, {layer: config})
-      "paper": (paper, scale_branches(paper.init(jax.random.key(DEMO_SEED), x), DEMO_GAIN),
-                {layer: paper_cfg(layer) for layer in DEMO_LAYERS}),
-      "torchvision": (tv, tv.init(jax.random.key(DEMO_SEED), x), {layer: tv_cfg for layer in DEMO_TV_LAYERS}),
+  nets = {  # name: (model, variables, layers, config)
+      "paper": (paper, scale_branches(paper.init(jax.random.key(DEMO_SEED), x), DEMO_GAIN), DEMO_LAYERS, paper_cfg),
+      "torchvision": (tv, tv.init(jax.random.key(DEMO_SEED), x), DEMO_TV_LAYERS, tv_cfg),
   }
   t_all = time.perf_counter()
   runs = {name: _demo_runs(name, *net, x) for name, net in nets.items()}
   seconds = time.perf_counter() - t_all
-  configs = {name: {"layers": list(cfgs), "refine_iters": next(iter(cfgs.values())).refine_iters,
-                    "refine_start": {layer: c.refine_start for layer, c in cfgs.items()},
-                    "mv_steps": next(iter(cfgs.values())).mv_steps, "prior": next(iter(cfgs.values())).prior}
-             for name, (*_, cfgs) in nets.items()}
+  configs = {name: {"layers": list(layers), "refine_iters": cfg.refine_iters, "refine_start": cfg.refine_start,
+                    "mv_steps": cfg.mv_steps, "prior": cfg.prior} for name, (*_, layers, cfg) in nets.items()}
   metrics = {
       "description": explanation, "arch": "resnet18", "variant": "paper", "branch_gain": DEMO_GAIN,
       "image": DEMO_IMAGE, "size": DEMO_SIZE, "seed": DEMO_SEED, "seconds": seconds,
@@ -406,9 +396,8 @@ def _verdict(report) -> str:
   return f"underdetermined (null >= {bound})" if bound else "determined by count"
 
 
-def _demo_runs(name, model, variables, configs: dict, x) -> dict:
-  """``{layer: (block-wise image, attack's image, report)}`` of one demo network (``configs``: ``{layer:
-  NetworkConfig}``), printing a line per layer."""
+def _demo_runs(name, model, variables, layers, config, x) -> dict:
+  """``{layer: (block-wise image, attack's image, report)}`` of one demo network, printing a line per layer."""
   import jax
 
   import peel_jax
@@ -416,7 +405,7 @@ def _demo_runs(name, model, variables, configs: dict, x) -> dict:
 
   feats = peel_jax.features(model, variables, x)
   runs = {}
-  for layer, config in configs.items():
+  for layer in layers:
     x_hat, rep = peel_jax.invert_network(model, variables, feats[layer], layer, key=jax.random.key(DEMO_SEED),
                                          config=config, true_features=feats, image=x,
                                          progress=sys.stderr.isatty())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import jax
@@ -220,6 +221,23 @@ def test_refinement_from_the_better_start_never_explains_the_observation_worse()
   with pytest.raises(ValueError, match="refine_start"):
     peel_jax.invert_network(model, v, feats["layer2"], "layer2",
                             config=NetworkConfig(refine_iters=1, refine_start="magic"))
+
+
+def test_no_prior_start_is_computed_where_the_blockwise_pass_is_exact(photo96, small_branches, monkeypatch):
+  """refine_start='best' runs Mahendran-Vedaldi only if some block-wise estimate misses the refinement's tolerance:
+  through the paper variant's small-branch layer1 the block-wise pass reproduces the observation to it."""
+  mv_module = importlib.import_module("peel_jax.baselines.mahendran_vedaldi")  # the package exports the function
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("the Mahendran-Vedaldi start was computed")
+
+  monkeypatch.setattr(mv_module, "mahendran_vedaldi", refuse)
+  model, v = small_branches
+  feats = peel_jax.features(model, v, photo96)
+  _, report = peel_jax.invert_network(model, v, feats["layer1"], "layer1", image=photo96,
+                                      config=NetworkConfig(block=FAST, refine_iters=1, prior=None))
+  assert report.refine["blockwise"]["observation_residual"][0] <= FAST.tol
+  assert report.refine["start"] == ["blockwise"]
 
 
 def test_default_prior_acts_exactly_where_the_counts_leave_the_image_underdetermined(photo96):

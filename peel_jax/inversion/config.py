@@ -43,7 +43,8 @@ class NetworkConfig:
       ``'direct'`` (:func:`peel_jax.invert_block` on the pooled stem). See :mod:`peel_jax.problems.stem`.
     refine_iters: iterations of end-to-end refinement after the block-wise pass (0: the paper's attack alone).
     refine_start: ``'blockwise'`` or ``'best'`` (per image, whichever of the block-wise and a Mahendran-Vedaldi
-      estimate reproduces the observation better; the choice never sees the truth).
+      estimate reproduces the observation better; the choice never sees the truth). The estimate is computed only
+      when some image's block-wise estimate misses the refinement's tolerance (``stem``'s ``tol``).
     mv_steps, mv_lambda_tv: the Mahendran-Vedaldi estimate of ``refine_start='best'``: its steps and its
       total-variation weight (:func:`peel_jax.baselines.mahendran_vedaldi`).
     certify: run :func:`peel_jax.certify_block` per residual block (eager only).
