@@ -26,7 +26,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 from peel_jax import blocks, images, metrics, models  # noqa: E402
 from peel_jax._features import features  # noqa: E402
 from peel_jax.baselines.mahendran_vedaldi import mahendran_vedaldi, objective_terms, pixel_scale  # noqa: E402
-from peel_jax.problems.pool_choice import WINDOW, chosen, pick, windows  # noqa: E402
+from peel_jax.problems.pool_choice import WINDOW, chosen, gap, pick, windows  # noqa: E402
 from peel_jax.problems.preimage import TV_RATIO, natural_preimage, tv_vector  # noqa: E402
 from peel_jax.solver import engine  # noqa: E402
 from peel_jax.solver.config import SolverConfig  # noqa: E402
@@ -44,6 +44,7 @@ class Data(NamedTuple):
   y: jax.Array
   cand: jax.Array  # (9, Ho, Wo, C): offsets inside the map
   a: jax.Array  # (Ho, Wo, C) int32
+  active: jax.Array  # (Ho, Wo, C) bool: windows whose choice is fixed (elsewhere the max-pool itself)
   scale: jax.Array  # ||y||
   weight: jax.Array  # the TV prior's weight
 
@@ -61,9 +62,9 @@ def block_pre(h, net: Net):
 
 def terms(x, d: Data, net: Net):
   z = stem_z(x, net)
-  h = jax.nn.relu(chosen(z, d.a))
+  h = jnp.where(d.active, jax.nn.relu(chosen(z, d.a)), blocks.pool(jax.nn.relu(z)[None], "max")[0])
   z1 = block_pre(h, net)
-  gw = jnp.where(d.cand, windows(z, 0.0) - h[None], 0.0)
+  gw = jnp.where(d.cand & d.active[None], windows(z, 0.0) - h[None], 0.0)
   return (), jnp.where(d.y > 0, z1 - d.y, 0.0) / d.scale, (jnp.where(d.y > 0, 0.0, z1) / d.scale, gw / d.scale)
 
 
@@ -104,6 +105,14 @@ def mult_move(st, d: Data, thresh: float):
   return a, go, st._replace(mu=(st.mu[0], mu))
 
 
+def commit(g, active, share):
+  """``active`` plus, per image, the ``share`` of the other windows with the largest gap."""
+  rest = jnp.where(active, -jnp.inf, g)
+  k = jnp.ceil(share * jnp.sum(~active, axis=(1, 2, 3))).astype(jnp.int32)
+  thr = jax.vmap(lambda r, kk: jnp.sort(r.ravel())[::-1][jnp.maximum(kk - 1, 0)])(rest, k)
+  return active | (rest >= thr[:, None, None, None])
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--net", default="tiny", choices=["tiny", "resnet18"])
@@ -112,13 +121,16 @@ def main():
   ap.add_argument("--start", default="natural", choices=["mv", "natural"])
   ap.add_argument("--mv-steps", type=int, default=200)
   ap.add_argument("--natural-iters", type=int, default=100)
-  ap.add_argument("--rule", default="mult", choices=["argmax", "mult", "fixed"])
+  ap.add_argument("--rule", default="mult", choices=["argmax", "mult", "fixed", "commit"])
   ap.add_argument("--thresh", type=float, default=0.0, help="mult rule: the multiplier above which a window moves")
   ap.add_argument("--rounds", type=int, default=10)
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--rho", type=float, default=10.0)
   ap.add_argument("--cg", type=int, default=30)
   ap.add_argument("--lam", type=float, default=1e-3)
+  ap.add_argument("--commit", type=float, default=1.0,
+                  help="< 1: fix this fraction of the windows at first (largest gap first), a further such fraction "
+                       "of the rest each round (re-chosen by argmax before); the rest stay the max-pool")
   ap.add_argument("--reset", action="store_true", help="fresh multipliers every round")
   ap.add_argument("--oracle", action="store_true", help="diagnostic: the true choice, fixed")
   ap.add_argument("--oracle-mix", type=float, default=None,
@@ -163,8 +175,18 @@ def main():
           f"{np.asarray(jnp.sum(pos & near & (a_s != true_a), (1, 2, 3)) / jnp.sum(pos, (1, 2, 3)))} (near-ties)")
   print(f"start {A.start}: residual {obs(xs)}, PSNR {psnr(xs)}, TV {tv(xs)} (true {tv(x)}), choice agrees with the "
         f"truth's (diagnostic) on {agree(picks(xs))} of windows > 0, {time.perf_counter() - t0:.0f} s", flush=True)
+  g = jax.vmap(gap)(zs(xs), cand) / jnp.max(y, axis=(1, 2, 3), keepdims=True)
+  right = picks(xs) == true_a
+  for i in range(n):  # diagnostic: how often the start's choice is the truth's, by its confidence (gap quantile)
+    gi, ri = np.asarray(g[i][pos[i]]), np.asarray(right[i][pos[i]])
+    qs = np.quantile(gi, [0, 0.25, 0.5, 0.75, 0.9, 1.0])
+    print(f"image {i}: agreement by gap quartile (low to high) "
+          f"{[round(float(ri[(gi >= a) & (gi <= b)].mean()), 3) for a, b in zip(qs[:-1], qs[1:])]}", flush=True)
   cfg = SolverConfig(tol=1e-5, cg_iters=A.cg, rho=A.rho, inner_iters=5)
-  data = Data(y, cand, a, scale, weight)
+  active = jnp.ones(y.shape, bool)
+  if A.commit < 1 and not A.oracle:
+    active = commit(g, jnp.zeros(y.shape, bool), A.commit)
+  data = Data(y, cand, a, active, scale, weight)
   st = engine.batch_init(PROBLEM, engine.LM, cfg, xs, data, net)
   st = st._replace(budget=jnp.zeros_like(st.k))
   best_res, best_x = obs(xs), xs
@@ -182,6 +204,11 @@ def main():
       a_new = picks(st.u)
       moved = np.asarray(jnp.sum(a_new != data.a, (1, 2, 3)))
       data = data._replace(a=a_new)
+    elif A.rule == "commit":
+      zg = jax.vmap(gap)(zs(st.u), cand)
+      a_new = jnp.where(data.active, data.a, picks(st.u))
+      data = data._replace(a=a_new, active=commit(zg, data.active, A.commit))
+      moved = np.asarray(jnp.sum(data.active, (1, 2, 3)))
     elif A.rule == "mult":
       a_new, go, st = mult_move(st, data, A.thresh)
       moved = np.asarray(jnp.sum(go, (1, 2, 3)))
