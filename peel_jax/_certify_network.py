@@ -13,6 +13,13 @@ ties), its Jacobian ``J`` (``M x P``, ``P`` pixel values, ``M`` observed values)
   needs nothing but the observation. Zeros are exact zeros (``== 0.0``): a quantised or perturbed observation has
   fewer of them, which makes the bound smaller (an ``underdetermined`` verdict stays sound; a ``determined`` one by
   count may then be wrong).
+* **A rank bound along the path, at a point.** ``f`` factors through every earlier layer, so ``rank J`` is also at
+  most the non-zero values of any gated layer before ``layer`` (the stem's ReLU and pool, each block behind a
+  post-add ReLU). Those values are not observed: they are counted at ``x_hat``. Where a torchvision network's
+  max-pool has fewer non-zero values than pixels while a wider layer after it (a bottleneck network's ``layer1``)
+  has more, only this bound sees that the image is not determined. The bound
+  ``path_null_dim_bound = max(0, P - min(informative, the earlier counts at x_hat))`` is about ``x_hat``: about
+  every exact preimage with ``x_hat``'s activation pattern, the truth included when ``x_hat`` is the truth.
 * **Local singular values.** At ``x_hat`` (an estimate, or the truth when measuring), the smallest singular values of
   ``J`` restricted to the free pixels (those not within ``box_tol`` of a box bound) by Golub-Kahan-Lanczos
   bidiagonalisation, matrix-free (``J v`` by :func:`jax.linear_transpose` of the ``jax.vjp`` pullback, ``J^T u`` by
@@ -36,9 +43,10 @@ Statuses (per image), in order of precedence, and what each proves:
 * ``not_injective`` (only with ``starts > 0``): two starts reached exact preimages (relative observation residual at
   most ``exact_tol``) more than ``spread_tol`` apart (relative to ``||x_hat||``). Proves the observation does not
   determine the image (up to the ``exact_tol`` reading of "exact").
-* ``locally_underdetermined``: the counts allow determinacy, but a unit direction ``v`` over the free pixels has
-  ``||J v|| <= null_tol * sigma_max`` at ``x_hat``. Proves (to float32 precision) that ``J`` at ``x_hat`` is
-  numerically singular: to first order the output does not change along ``v``. It is a statement about ``x_hat``:
+* ``locally_underdetermined``: the observation's counts allow determinacy, but at ``x_hat`` an earlier gated layer
+  has fewer non-zero values than pixels (``path_null_dim_bound > 0``), or a unit direction ``v`` over the free
+  pixels has ``||J v|| <= null_tol * sigma_max``. Proves (exactly by count, or to float32 precision) that ``J`` at
+  ``x_hat`` is singular: to first order the output does not change along a direction. It is a statement about ``x_hat``:
   about the truth only when ``x_hat`` reproduces the observation (see ``observation_residual``), and about exact
   non-uniqueness only where ``f`` is linear near ``x_hat`` along ``v``.
 * ``determined``: none of the above. This is **evidence, not proof**: the counts permit a unique preimage, and the
@@ -90,6 +98,11 @@ class NetworkCertificate(NamedTuple):
     null_dim_bound: ``max(0, P - informative_values)``, a lower bound on ``dim null J`` at every exact preimage.
     free_pixels: pixel values of ``x_hat`` not within ``box_tol`` of a box bound.
     free_null_dim_bound: ``max(0, free_pixels - informative_values)``: the same bound over the free pixels.
+    path_informative_values: the fewest of ``informative_values`` and the non-zero values at ``x_hat`` of every gated
+      layer before ``layer``: a bound on ``rank J`` at ``x_hat``.
+    path_layer: per image, the layer that attains it (``layer`` itself when no earlier one has fewer).
+    path_null_dim_bound: ``max(0, P - path_informative_values)`` (at least ``null_dim_bound``), a lower bound on
+      ``dim null J`` at ``x_hat``.
     sigma_max: the largest Ritz singular value of ``J`` over the free pixels (a lower bound on the true one).
     sigma_min: ``||J v|| / ||v||`` for the Ritz vector ``v`` of the smallest Ritz value: an upper bound on the true
       smallest singular value over the free pixels.
@@ -115,6 +128,9 @@ class NetworkCertificate(NamedTuple):
   null_dim_bound: np.ndarray
   free_pixels: np.ndarray
   free_null_dim_bound: np.ndarray
+  path_informative_values: np.ndarray
+  path_layer: list
+  path_null_dim_bound: np.ndarray
   sigma_max: np.ndarray
   sigma_min: np.ndarray
   sigma_ratio: np.ndarray
@@ -135,7 +151,7 @@ class NetworkCertificate(NamedTuple):
     """JSON-ready; per-image fields are lists, or scalars for a batch of one (as the other reports)."""
     out = {}
     for name, value in self._asdict().items():
-      if name == "status":
+      if name in ("status", "path_layer"):
         value = list(value)
         out[name] = value[0] if len(value) == 1 else value
       elif isinstance(value, np.ndarray):
@@ -221,6 +237,37 @@ def informative_values(model, layer: str, observed: jax.Array) -> jax.Array:
   if is_gated(model, layer):
     return jnp.sum(flat != 0, axis=1, dtype=jnp.int32)
   return jnp.full(flat.shape[:1], flat.shape[1], jnp.int32)
+
+
+def gated_layers_before(model, layer: str) -> list[str]:
+  """The gated layers (:func:`is_gated`) that ``layer``'s output is computed from, in forward order: the stem's
+  ``'relu'`` and ``'maxpool'`` and every block ``'layerK.J'`` before ``layer`` (``'layerK'`` is its last block)."""
+  order = ["relu", "maxpool"] + model.block_names()
+  if layer.startswith("layer") and "." not in layer:
+    layer = f"{layer}.{model.stage_sizes[int(layer[5:]) - 1] - 1}"
+  return [n for n in order[:order.index(layer)] if is_gated(model, n)]
+
+
+def path_informative_values(model, variables, layer: str, x: jax.Array) -> tuple[jax.Array, list[str]]:
+  """``((N, K) int32, names)``: the non-zero values at ``x`` of each of the ``K`` :func:`gated_layers_before`
+  ``layer``, each a bound on the rank of the Jacobian of pixels -> ``layer`` at ``x`` (module docstring).
+  Traceable; ``K`` may be 0."""
+  names = gated_layers_before(model, layer)
+  if not names:
+    return jnp.zeros((x.shape[0], 0), jnp.int32), names
+  feats = features(model, variables, x, names)
+  counts = [jnp.sum(feats[n].reshape(x.shape[0], -1) != 0, axis=1, dtype=jnp.int32) for n in names]
+  return jnp.stack(counts, axis=1), names
+
+
+def _path_bound(model, variables, layer, x_hat, informative, pixels: int):
+  """``(path_informative (N,), path_layer [N], path_null_dim_bound (N,))`` (:class:`NetworkCertificate`)."""
+  counts, names = path_informative_values(model, variables, layer, x_hat)
+  counts = np.concatenate([np.asarray(counts, np.int64), np.asarray(informative, np.int64)[:, None]], axis=1)
+  best = np.argmin(counts, axis=1)  # ties go to the earliest layer
+  fewest = counts[np.arange(len(best)), best]
+  names = names + [layer]
+  return fewest, [names[i] for i in best], np.maximum(0, pixels - fewest)
 
 
 def _counts(observed: jax.Array, gated: bool, pixels: int):
@@ -452,14 +499,14 @@ def preimage_spread(model, variables, observed, layer, x_hat, box, *, key, start
 # --- the certificate ----------------------------------------------------------------------------------------------
 
 
-def _status(null_bound, spread, ratio, spread_tol, null_tol) -> list:
+def _status(null_bound, path_bound, spread, ratio, spread_tol, null_tol) -> list:
   out = []
   for i in range(len(null_bound)):
     if null_bound[i] > 0:
       out.append("underdetermined")
     elif np.isfinite(spread[i]) and spread[i] > spread_tol:
       out.append("not_injective")
-    elif ratio[i] <= null_tol:
+    elif path_bound[i] > 0 or ratio[i] <= null_tol:
       out.append("locally_underdetermined")
     else:
       out.append("determined")
@@ -585,6 +632,7 @@ def certify_network(
   pixels = int(np.prod(x_hat.shape[1:]))
   gated = is_gated(model, layer)
   m, nz, informative, null_bound = _counts(observed, gated, pixels)
+  path_informative, path_layer, path_bound = _path_bound(model, variables, layer, x_hat, informative, pixels)
   mask = free_pixel_mask(x_hat, box, box_tol)
   free = np.asarray(jnp.sum(mask.reshape(n, -1), axis=1)).astype(np.int64)
   sv = _network_singular_values(model, variables, layer, x_hat, mask, k_lanczos, lanczos_iters, n_values)
@@ -596,9 +644,12 @@ def certify_network(
                                     start_scale=start_scale, refine_iters=refine_iters, exact_tol=exact_tol,
                                     solver_config=solver_config)
   return NetworkCertificate(
-      status=_status(null_bound, spread, ratio, spread_tol, null_tol), pixels=np.full((n,), pixels, np.int64),
+      status=_status(null_bound, path_bound, spread, ratio, spread_tol, null_tol),
+      pixels=np.full((n,), pixels, np.int64),
       observed_values=m, nonzero_values=nz, informative_values=informative, null_dim_bound=null_bound,
-      free_pixels=free, free_null_dim_bound=np.maximum(0, free - informative), sigma_max=sv["sigma_max"],
+      free_pixels=free, free_null_dim_bound=np.maximum(0, free - informative),
+      path_informative_values=path_informative, path_layer=path_layer, path_null_dim_bound=path_bound,
+      sigma_max=sv["sigma_max"],
       sigma_min=sv["sigma_min"], sigma_ratio=ratio, singular_values=sv["ritz"], observation_residual=obs_res,
       spread=spread, exact_starts=np.asarray(exact, np.int64), layer=layer, gated=gated,
       lanczos_iters=sv["iters"], null_tol=null_tol, box_tol=box_tol, exact_tol=exact_tol, spread_tol=spread_tol,

@@ -338,7 +338,8 @@ def _invert(args) -> int:
   print(report.summary())
   cert = metrics["network_certificate"]
   print(f"certificate from {args.layer}: {cert['status']} ({cert['informative_values']} informative values for "
-        f"{cert['pixels']} pixel values; null-space dimension >= {cert['null_dim_bound']})")
+        f"{cert['pixels']} pixel values; null-space dimension >= {cert['null_dim_bound']}; at the estimate, >= "
+        f"{cert['path_null_dim_bound']} counted at {cert['path_layer']})")
   print(f"wrote {os.path.join(args.out, 'metrics.json')}, reconstruction.png, recovered.png, blocks.png")
   return 0
 

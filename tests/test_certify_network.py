@@ -13,7 +13,7 @@ import pytest
 
 from peel_jax import images, models
 from peel_jax._certify_network import _observe as _observe_jit
-from peel_jax._certify_network import certify_network, jacobian_singular_values
+from peel_jax._certify_network import certify_network, gated_layers_before, jacobian_singular_values
 from peel_jax.cli import scale_branches
 
 SIZE = 96
@@ -203,6 +203,40 @@ def test_signed_outputs_count_every_value(x2):
   assert d["informative_values"] == d["observed_values"] == 6 * 6 * 512
   assert d["null_dim_bound"] == PIXELS - 6 * 6 * 512
   assert d["sigma_min"] is None and d["lanczos_iters"] == 0
+
+
+def test_layer_lists_on_the_path():
+  tv = models.resnet18()
+  assert gated_layers_before(tv, "maxpool") == ["relu"]
+  assert gated_layers_before(tv, "layer1") == ["relu", "maxpool", "layer1.0"]
+  assert gated_layers_before(tv, "layer2.1") == ["relu", "maxpool", "layer1.0", "layer1.1", "layer2.0"]
+  # the paper variant's blocks have no post-add ReLU: only the stem's outputs are gated
+  assert gated_layers_before(models.resnet18(**models.paper_variant()), "layer3") == ["relu", "maxpool"]
+
+
+def test_a_pool_before_a_wider_layer_is_locally_underdetermined_by_the_path_count(x2):
+  # A torchvision bottleneck stage (BatchNorm, max-pool, post-add ReLU) at 96 px, with 16 of its 64 stem channels
+  # alive: the pool has at most 16 * 24 * 24 = 9216 non-zero values for 27648 pixel values, so rank J <= 9216 at
+  # every image, while layer1 has 256 * 24 * 24 values, far more of them non-zero than pixels: the observation's
+  # count allows determinacy and only the count at the pool sees the null space.
+  model = models.ResNet(stage_sizes=(1,), block="bottleneck")
+  variables = _numpy_init(model, x2[:1], seed=2)
+  bn1 = dict(variables["params"]["bn1"])
+  bn1["bias"] = jnp.where(jnp.arange(64) < 16, bn1["bias"], -1e3)
+  variables = {**variables, "params": {**variables["params"], "bn1": bn1}}
+  obs = _observe(model, variables, x2, "layer1")
+  pool = np.asarray(_observe(model, variables, x2, "maxpool")).reshape(2, -1, 64)
+  pool_nonzero = np.count_nonzero(pool.reshape(2, -1), axis=1)
+  assert np.all(pool[..., 16:] == 0) and np.all(pool_nonzero <= 16 * (SIZE // 4) ** 2)
+  cert = certify_network(model, variables, obs, "layer1", x2, lanczos_iters=0)
+  assert cert.gated and np.all(cert.nonzero_values > PIXELS)
+  np.testing.assert_array_equal(cert.null_dim_bound, 0)
+  assert cert.path_layer == ["maxpool", "maxpool"]
+  np.testing.assert_array_equal(cert.path_informative_values, pool_nonzero)
+  np.testing.assert_array_equal(cert.path_null_dim_bound, PIXELS - pool_nonzero)
+  assert cert.status == ["locally_underdetermined", "locally_underdetermined"]
+  d = json.loads(json.dumps(cert.to_dict()))
+  assert d["path_layer"] == ["maxpool", "maxpool"] and d["path_null_dim_bound"] == (PIXELS - pool_nonzero).tolist()
 
 
 # --- starts -----------------------------------------------------------------------------------------------------------

@@ -61,3 +61,16 @@ def test_random_batch_stats_change_batchnorm_only():
   np.testing.assert_array_equal(r["params"]["layer1_0"]["conv1"]["kernel"], v["params"]["layer1_0"]["conv1"]["kernel"])
   again = deployed.random_batch_stats(v, jax.random.key(1))  # reproducible: no salted hashes
   np.testing.assert_array_equal(again["batch_stats"]["bn1"]["var"], r["batch_stats"]["bn1"]["var"])
+
+
+def test_certificate_cell_names_the_path_bound_where_the_observation_allows_determinacy():
+  assert deployed._certificate_cell({"status": ["underdetermined"] * 2, "null_dim_bound": [95, 8000],
+                                     "path_null_dim_bound": [95, 9000], "path_layer": ["maxpool"] * 2}) == (
+                                         "underdetermined, >= 95")
+  rec = {"status": ["locally_underdetermined", "determined"], "null_dim_bound": [0, 0],
+         "path_null_dim_bound": [6766, 0], "path_layer": ["maxpool", "layer1"]}
+  assert deployed._certificate_cell(rec) == "determined, locally_underdetermined, >= 0 at the estimate (layer1)"
+  rec["path_null_dim_bound"][1] = 2984
+  assert deployed._certificate_cell(rec).endswith(">= 2984 at the estimate (layer1)")
+  older_unit = {"status": ["determined"], "null_dim_bound": [0]}  # written before the path bound
+  assert deployed._certificate_cell(older_unit) == "determined, >= 0"
