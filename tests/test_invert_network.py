@@ -266,6 +266,27 @@ def test_default_prior_acts_exactly_where_the_counts_leave_the_image_underdeterm
   assert NetworkConfig.blockwise().refine_iters == 0 and NetworkConfig.blockwise().prior is None
 
 
+def test_default_prior_acts_where_the_path_count_at_the_start_leaves_the_image_underdetermined(photo96):
+  """A bottleneck stage at 96 px with 16 of its 64 stem channels alive: ``layer1`` has far more non-zero values than
+  the 27,648 pixel values (the observation's count allows determinacy), but the max-pool before it has at most
+  16 * 24 * 24 = 9,216, at the start as at every image; ``prior='auto'`` takes the TV prior, bit for bit as
+  ``prior='tv'``."""
+  model = models.ResNet(stage_sizes=(1,), block="bottleneck")
+  v = model.init(jax.random.key(0), photo96)
+  bn1 = dict(v["params"]["bn1"])
+  bn1["bias"] = jnp.where(jnp.arange(64) < 16, bn1["bias"], -1e3)
+  v = {**v, "params": {**v["params"], "bn1": bn1}}
+  feats = peel_jax.features(model, v, photo96, ["maxpool", "layer1"])
+  assert int(jnp.sum(feats["layer1"] != 0)) > 27648 and int(jnp.sum(feats["maxpool"] != 0)) <= 9216
+  run = lambda prior: peel_jax.invert_network(
+      model, v, feats["layer1"], "layer1", config=NetworkConfig(block=FAST, refine_iters=2, refine_start="blockwise",
+                                                                prior=prior))
+  (x_auto, rep), (x_tv, _) = run("auto"), run("tv")
+  np.testing.assert_array_equal(rep.null_dim_bound, [0])
+  np.testing.assert_array_equal(rep.refine.with_prior, [True])
+  np.testing.assert_array_equal(x_auto, x_tv)
+
+
 def test_prior_penalty_is_chosen_by_where_the_layer_is():
   """``prior_rho=None``: 100 where the window maxima are chosen, 0.1 past a max-pool, 10 elsewhere; a set value wins."""
   from peel_jax.inversion.network import _prior_rho

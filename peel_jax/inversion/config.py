@@ -56,9 +56,10 @@ class NetworkConfig:
     prior: ``None`` (the refinement fits the observation alone), ``'tv'``: the refinement solves
       ``min R_tv(x) s.t. f(x) = observed`` (:mod:`peel_jax.problems.preimage`), the smoothest exact preimage, a
       data-free choice among the images that reproduce the observation (needs ``refine_iters > 0``); or ``'auto'``:
-      ``'tv'`` on the images with fewer informative observed values than pixel values (the count of
-      :func:`peel_jax.certify_network`: the observation cannot determine them), no prior on the others (when no
-      image of the batch needs it, exactly the ``None`` refinement).
+      ``'tv'`` on the images that a count says are not determined: fewer informative observed values than pixel
+      values, or, at the refinement's start, fewer non-zero values than pixel values at some gated layer on the way
+      to ``layer`` (a max-pool, a ReLU, an earlier block: :func:`peel_jax.certify_network`'s path count); no prior
+      on the others (when no image of the batch needs it, exactly the ``None`` refinement).
     prior_weight: ``lambda_tv`` of the ``'tv'`` prior, in the Mahendran-Vedaldi baseline's units (> 0).
     prior_rho: the augmented-Lagrangian penalty of the prior's refinement; ``None`` chooses by where ``layer`` is
       (never by the image): :data:`POOL_CHOICE_RHO` where the window maxima are chosen (a max-pooled stem's

@@ -10,6 +10,7 @@ inversion gives the image; optionally an end-to-end refinement follows. Data flo
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 from peel_jax import images as _images
 from peel_jax import metrics as _metrics
 from peel_jax._certify import certify_block
-from peel_jax._certify_network import informative_values
+from peel_jax._certify_network import informative_values, path_informative_values
 from peel_jax._features import features
 from peel_jax.inversion import plan as _plan
 from peel_jax.inversion import config as _config
@@ -87,10 +88,23 @@ def _refine(model, variables, layer, observed, x_img, figures, key, cfg: Network
   from_prior = jnp.zeros(observed.shape[:1], bool)
   if cfg.refine_start == "best":
     x_img, from_prior = _better_start(model, variables, layer, observed, x_img, figures, key, cfg)
-  with_prior = underdetermined if cfg.prior == "auto" else jnp.full(underdetermined.shape, cfg.prior is not None)
+  if cfg.prior == "auto":
+    with_prior = underdetermined | _path_underdetermined(model, variables, layer, x_img)
+  else:
+    with_prior = jnp.full(underdetermined.shape, cfg.prior is not None)
   x_img, k = _refine_solve(model, variables, layer, observed, x_img, cfg, box, with_prior)
   return x_img, RefineReport(iterations=k, seconds=clock.stop(x_img), from_prior=from_prior, with_prior=with_prior,
                              blockwise=figures)
+
+
+def _path_underdetermined(model, variables, layer, x_img):
+  """``(N,) bool``: some gated layer before ``layer`` (:func:`peel_jax.certify_network`'s path count) has fewer
+  non-zero values at the start ``x_img`` than the image has pixel values: the Jacobian there has a null space, so the
+  observation cannot pin the image down near the start, whatever its own count says."""
+  counts, _ = path_informative_values(model, variables, layer, x_img)
+  if counts.shape[1] == 0:
+    return jnp.zeros(x_img.shape[:1], bool)
+  return jnp.min(counts, axis=1) < math.prod(x_img.shape[1:])
 
 
 def _better_start(model, variables, layer, observed, x_img, figures, key, cfg: NetworkConfig):
