@@ -43,6 +43,8 @@ DEMO_REFINE_START = "best"
 DEMO_TV_LAYERS = ("maxpool", "layer1")
 DEMO_TV_REFINE = 200
 DEMO_TV_MV_STEPS = 400
+# Units (network, layer) run side by side: one XLA CPU program keeps about one core busy (README: the demo's time).
+DEMO_WORKERS = 2
 DEMO_EXPLANATION = (
     "demo: resnet18, paper variant (no BatchNorm, no post-add ReLU, no stem pool), random He weights (seed {seed}) "
     "with every residual branch's last conv scaled by {gain}: small branches that refine their input, as trained "
@@ -368,7 +370,7 @@ def _demo(args) -> int:
       "torchvision": (tv, tv.init(jax.random.key(DEMO_SEED), x), DEMO_TV_LAYERS, tv_cfg),
   }
   t_all = time.perf_counter()
-  runs = {name: _demo_runs(name, *net, x) for name, net in nets.items()}
+  runs = _demo_runs(nets, x)
   seconds = time.perf_counter() - t_all
   configs = {name: {"layers": list(layers), "refine_iters": cfg.refine_iters, "refine_start": cfg.refine_start,
                     "mv_steps": cfg.mv_steps, "prior": cfg.prior} for name, (*_, layers, cfg) in nets.items()}
@@ -397,26 +399,40 @@ def _verdict(report) -> str:
   return f"underdetermined (null >= {bound})" if bound else "determined by count"
 
 
-def _demo_runs(name, model, variables, layers, config, x) -> dict:
-  """``{layer: (block-wise image, attack's image, report)}`` of one demo network, printing a line per layer."""
+def _demo_runs(nets: dict, x) -> dict:
+  """``{name: {layer: (block-wise image, attack's image, report)}}`` for every (network, layer) unit of ``nets``,
+  ``DEMO_WORKERS`` units at a time, the deepest (the longest) first, printing a line as each ends. Each unit is a
+  pure function of its inputs, so the results do not depend on the order or the number of workers."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  import peel_jax
+
+  feats = {name: peel_jax.features(model, variables, x) for name, (model, variables, *_) in nets.items()}
+  depth = ("layer4", "layer3", "layer2", "layer1", "maxpool", "relu")
+  units = sorted(((name, layer) for name, (*_, layers, _) in nets.items() for layer in layers),
+                 key=lambda u: depth.index(u[1]))
+  progress = sys.stderr.isatty() and DEMO_WORKERS == 1
+  with ThreadPoolExecutor(max_workers=DEMO_WORKERS) as pool:
+    done = {u: pool.submit(_demo_unit, u[0], *nets[u[0]], feats[u[0]], u[1], x, progress) for u in units}
+    return {name: {layer: done[(name, layer)].result() for layer in layers}
+            for name, (*_, layers, _) in nets.items()}
+
+
+def _demo_unit(name, model, variables, layers, config, feats, layer, x, progress) -> tuple:
+  """``(block-wise image, attack's image, report)`` of one network observed at one layer; prints its line."""
   import jax
 
   import peel_jax
   from peel_jax import images
 
-  feats = peel_jax.features(model, variables, x)
-  runs = {}
-  for layer in layers:
-    x_hat, rep = peel_jax.invert_network(model, variables, feats[layer], layer, key=jax.random.key(DEMO_SEED),
-                                         config=config, true_features=feats, image=x,
-                                         progress=sys.stderr.isatty())
-    runs[layer] = (images.denormalize(rep.estimates["stem"][0]), images.denormalize(x_hat[0]), rep)
-    print(f"{name} {layer}: block-wise PSNR {float(rep.refine.blockwise['psnr'][0]):.2f} dB, refined (from the "
-          f"{rep.refine.start[0]} estimate{', TV prior' if rep.refine.with_prior[0] else ''}) PSNR "
-          f"{float(rep.psnr[0]):.2f} dB, SSIM {float(rep.ssim[0]):.3f}, observation residual "
-          f"{float(rep.observation_residual[0]):.1e}, {rep.seconds:.1f} s ({int(rep.informative_values[0])} "
-          f"informative values for {int(np.prod(x.shape[1:]))} pixel values: {_verdict(rep)})", flush=True)
-  return runs
+  x_hat, rep = peel_jax.invert_network(model, variables, feats[layer], layer, key=jax.random.key(DEMO_SEED),
+                                       config=config, true_features=feats, image=x, progress=progress)
+  print(f"{name} {layer}: block-wise PSNR {float(rep.refine.blockwise['psnr'][0]):.2f} dB, refined (from the "
+        f"{rep.refine.start[0]} estimate{', TV prior' if rep.refine.with_prior[0] else ''}) PSNR "
+        f"{float(rep.psnr[0]):.2f} dB, SSIM {float(rep.ssim[0]):.3f}, observation residual "
+        f"{float(rep.observation_residual[0]):.1e}, {rep.seconds:.1f} s ({int(rep.informative_values[0])} "
+        f"informative values for {int(np.prod(x.shape[1:]))} pixel values: {_verdict(rep)})", flush=True)
+  return images.denormalize(rep.estimates["stem"][0]), images.denormalize(x_hat[0]), rep
 
 
 def _demo_figure(path, img, runs: dict) -> None:

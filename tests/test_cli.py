@@ -172,6 +172,7 @@ def test_demo_runs_with_reduced_settings(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(cli, "DEMO_TV_LAYERS", ("maxpool",))
   monkeypatch.setattr(cli, "DEMO_TV_REFINE", 2)
   monkeypatch.setattr(cli, "DEMO_TV_MV_STEPS", 3)
+  monkeypatch.setattr(cli, "DEMO_WORKERS", 2)
   out = tmp_path / "demo"
   assert main(["demo", "--out", str(out)]) == 0
   assert sorted(os.listdir(out)) == ["demo.png", "metrics.json"]
@@ -187,3 +188,11 @@ def test_demo_runs_with_reduced_settings(tmp_path, monkeypatch, capsys):
   assert "paper variant" in text and "scaled by 0.3" in text and "torchvision maxpool" in text
   assert "determined by count" in text
   assert main(["demo", "--out", str(out)]) == 2  # earlier results refused
+  # Units side by side (two workers above) give what one at a time gives, bit for bit.
+  monkeypatch.setattr(cli, "DEMO_WORKERS", 1)
+  assert main(["demo", "--out", str(tmp_path / "demo1")]) == 0
+  m1 = json.loads((tmp_path / "demo1" / "metrics.json").read_text())
+  figures = lambda m: {(net, layer): (r["psnr"], r["observation_residual"], r["refine"]["with_prior"])
+                       for net, layers in (("paper", m["layers"]), ("torchvision", m["torchvision"]["layers"]))
+                       for layer, r in layers.items()}
+  assert figures(m1) == figures(m)
