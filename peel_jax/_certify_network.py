@@ -15,7 +15,10 @@ ties), its Jacobian ``J`` (``M x P``, ``P`` pixel values, ``M`` observed values)
   count may then be wrong).
 * **A rank bound along the path, at a point.** ``f`` factors through every earlier layer, so ``rank J`` is also at
   most the non-zero values of any gated layer before ``layer`` (the stem's ReLU and pool, each block behind a
-  post-add ReLU). Those values are not observed: they are counted at ``x_hat``. Where a torchvision network's
+  post-add ReLU). Those values are not observed: they are counted at ``x_hat``. The max-pool's count is tighter:
+  overlapping windows often share their maximum, and their rows of the Jacobian are then equal, so it counts the
+  distinct positions holding a positive window maximum (at ``x_hat`` the maxima are known; observed at the pool,
+  the pool itself joins the path). Where a torchvision network's
   max-pool has fewer non-zero values than pixels while a wider layer after it (a bottleneck network's ``layer1``)
   has more, only this bound sees that the image is not determined. The bound
   ``path_null_dim_bound = max(0, P - min(informative, the earlier counts at x_hat))`` is about ``x_hat``: about
@@ -82,6 +85,7 @@ import numpy as np
 
 from peel_jax import images as _images
 from peel_jax._features import features
+from peel_jax.models.resnet import stem_max_pool
 
 STATUSES = ("determined", "underdetermined", "not_injective", "locally_underdetermined")
 
@@ -98,8 +102,8 @@ class NetworkCertificate(NamedTuple):
     null_dim_bound: ``max(0, P - informative_values)``, a lower bound on ``dim null J`` at every exact preimage.
     free_pixels: pixel values of ``x_hat`` not within ``box_tol`` of a box bound.
     free_null_dim_bound: ``max(0, free_pixels - informative_values)``: the same bound over the free pixels.
-    path_informative_values: the fewest of ``informative_values`` and the non-zero values at ``x_hat`` of every gated
-      layer before ``layer``: a bound on ``rank J`` at ``x_hat``.
+    path_informative_values: the fewest of ``informative_values`` and, at ``x_hat``, the counts of
+      :func:`path_informative_values` (non-zero values; a max-pool's distinct maxima): a bound on ``rank J`` there.
     path_layer: per image, the layer that attains it (``layer`` itself when no earlier one has fewer).
     path_null_dim_bound: ``max(0, P - path_informative_values)`` (at least ``null_dim_bound``), a lower bound on
       ``dim null J`` at ``x_hat``.
@@ -249,15 +253,29 @@ def gated_layers_before(model, layer: str) -> list[str]:
 
 
 def path_informative_values(model, variables, layer: str, x: jax.Array) -> tuple[jax.Array, list[str]]:
-  """``((N, K) int32, names)``: the non-zero values at ``x`` of each of the ``K`` :func:`gated_layers_before`
-  ``layer``, each a bound on the rank of the Jacobian of pixels -> ``layer`` at ``x`` (module docstring).
-  Traceable; ``K`` may be 0."""
+  """``((N, K) int32, names)``: at ``x``, for each of the ``K`` :func:`gated_layers_before` ``layer`` (and the
+  stem's max-pool itself when ``layer`` is it), the number of its values that can vary with the pixels, each a bound
+  on the rank of the Jacobian of pixels -> ``layer`` at ``x`` (module docstring): the non-zero values; for a
+  max-pool, the positions of its input holding a positive window maximum (:func:`max_pool_sources`). Traceable;
+  ``K`` may be 0."""
   names = gated_layers_before(model, layer)
+  if layer == "maxpool" and model.stem_pool == "max" and is_gated(model, layer):
+    names = names + ["maxpool"]
   if not names:
     return jnp.zeros((x.shape[0], 0), jnp.int32), names
-  feats = features(model, variables, x, names)
-  counts = [jnp.sum(feats[n].reshape(x.shape[0], -1) != 0, axis=1, dtype=jnp.int32) for n in names]
+  feats = features(model, variables, x, sorted(set(names) | {"relu"}))
+  counts = [max_pool_sources(feats["relu"]) if n == "maxpool" and model.stem_pool == "max"
+            else jnp.sum(feats[n].reshape(x.shape[0], -1) != 0, axis=1, dtype=jnp.int32) for n in names]
   return jnp.stack(counts, axis=1), names
+
+
+def max_pool_sources(relu_out: jax.Array) -> jax.Array:
+  """``(N,) int32``: the positions of the stem's ReLU output ``(N, H, W, C)`` that hold the positive maximum of at
+  least one pooling window. Overlapping windows often share their maximum; their rows of the pool's Jacobian are
+  then equal, so the rank is at most this count, below the pool's non-zero values. Each window's maximum is found as
+  the gradient of the pool's sum (one position per window, the first at a tie)."""
+  hits = jax.grad(lambda r: jnp.sum(stem_max_pool(r)))(relu_out)
+  return jnp.sum((hits > 0) & (relu_out > 0), axis=(1, 2, 3), dtype=jnp.int32)
 
 
 def _path_bound(model, variables, layer, x_hat, informative, pixels: int):

@@ -13,7 +13,8 @@ import pytest
 
 from peel_jax import images, models
 from peel_jax._certify_network import _observe as _observe_jit
-from peel_jax._certify_network import certify_network, gated_layers_before, jacobian_singular_values
+from peel_jax._certify_network import (certify_network, gated_layers_before, jacobian_singular_values,
+                                      path_informative_values)
 from peel_jax.cli import scale_branches
 
 SIZE = 96
@@ -218,7 +219,8 @@ def test_a_pool_before_a_wider_layer_is_locally_underdetermined_by_the_path_coun
   # A torchvision bottleneck stage (BatchNorm, max-pool, post-add ReLU) at 96 px, with 16 of its 64 stem channels
   # alive: the pool has at most 16 * 24 * 24 = 9216 non-zero values for 27648 pixel values, so rank J <= 9216 at
   # every image, while layer1 has 256 * 24 * 24 values, far more of them non-zero than pixels: the observation's
-  # count allows determinacy and only the count at the pool sees the null space.
+  # count allows determinacy and only the count at the pool sees the null space. Overlapping windows share maxima,
+  # so the pool's rank is bounded by the distinct positions holding one, fewer still (a loop oracle).
   model = models.ResNet(stage_sizes=(1,), block="bottleneck")
   variables = _numpy_init(model, x2[:1], seed=2)
   bn1 = dict(variables["params"]["bn1"])
@@ -227,16 +229,39 @@ def test_a_pool_before_a_wider_layer_is_locally_underdetermined_by_the_path_coun
   obs = _observe(model, variables, x2, "layer1")
   pool = np.asarray(_observe(model, variables, x2, "maxpool")).reshape(2, -1, 64)
   pool_nonzero = np.count_nonzero(pool.reshape(2, -1), axis=1)
-  assert np.all(pool[..., 16:] == 0) and np.all(pool_nonzero <= 16 * (SIZE // 4) ** 2)
+  sources = _max_pool_sources_oracle(np.asarray(_observe(model, variables, x2, "relu")))
+  assert np.all(pool[..., 16:] == 0) and np.all(sources < pool_nonzero) and np.all(pool_nonzero <= 16 * 24 * 24)
   cert = certify_network(model, variables, obs, "layer1", x2, lanczos_iters=0)
   assert cert.gated and np.all(cert.nonzero_values > PIXELS)
   np.testing.assert_array_equal(cert.null_dim_bound, 0)
   assert cert.path_layer == ["maxpool", "maxpool"]
-  np.testing.assert_array_equal(cert.path_informative_values, pool_nonzero)
-  np.testing.assert_array_equal(cert.path_null_dim_bound, PIXELS - pool_nonzero)
+  np.testing.assert_array_equal(cert.path_informative_values, sources)
+  np.testing.assert_array_equal(cert.path_null_dim_bound, PIXELS - sources)
   assert cert.status == ["locally_underdetermined", "locally_underdetermined"]
   d = json.loads(json.dumps(cert.to_dict()))
-  assert d["path_layer"] == ["maxpool", "maxpool"] and d["path_null_dim_bound"] == (PIXELS - pool_nonzero).tolist()
+  assert d["path_layer"] == ["maxpool", "maxpool"] and d["path_null_dim_bound"] == (PIXELS - sources).tolist()
+  # observed at the pool itself, its distinct maxima at the point are on the path too
+  counts, names = path_informative_values(model, variables, "maxpool", x2)
+  assert names == ["relu", "maxpool"]
+  np.testing.assert_array_equal(counts[:, 1], sources)
+
+
+def _max_pool_sources_oracle(r: np.ndarray) -> np.ndarray:
+  """Per image, the distinct (position, channel) of ``r`` ``(N, H, W, C)`` holding a positive maximum of a 3x3/2
+  window (padding 1), by a loop over the windows."""
+  n, h, w, c = r.shape
+  out = []
+  for k in range(n):
+    held = set()
+    for i in range(0, h, 2):
+      for j in range(0, w, 2):
+        win = r[k, max(0, i - 1):i + 2, max(0, j - 1):j + 2]  # (3, 3, C) at most
+        flat = win.reshape(-1, c)
+        for ch in np.nonzero(flat.max(axis=0) > 0)[0]:
+          a = int(np.argmax(flat[:, ch]))
+          held.add((max(0, i - 1) + a // win.shape[1], max(0, j - 1) + a % win.shape[1], int(ch)))
+    out.append(len(held))
+  return np.asarray(out)
 
 
 # --- starts -----------------------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def _evidence(cert, i: int) -> str:
   if cert.status[i] == "not_injective":
     return f"two exact preimages {float(cert.spread[i]):.1e} apart"
   if cert.status[i] == "locally_underdetermined" and int(cert.path_null_dim_bound[i]) > 0:
-    return (f"{int(cert.path_informative_values[i])} non-zero values at {cert.path_layer[i]} for "
+    return (f"{int(cert.path_informative_values[i])} informative values at {cert.path_layer[i]} for "
             f"{int(cert.pixels[i])} pixel values at the reconstruction: a null space of dimension >= "
             f"{int(cert.path_null_dim_bound[i])}")
   return f"sigma_min / sigma_max <= {float(cert.sigma_ratio[i]):.1e} at the reconstruction"

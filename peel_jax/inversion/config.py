@@ -57,8 +57,9 @@ class NetworkConfig:
       ``min R_tv(x) s.t. f(x) = observed`` (:mod:`peel_jax.problems.preimage`), the smoothest exact preimage, a
       data-free choice among the images that reproduce the observation (needs ``refine_iters > 0``); or ``'auto'``:
       ``'tv'`` on the images that a count says are not determined: fewer informative observed values than pixel
-      values, or, at the refinement's start, fewer non-zero values than pixel values at some gated layer on the way
-      to ``layer`` (a max-pool, a ReLU, an earlier block: :func:`peel_jax.certify_network`'s path count); no prior
+      values, or, at the refinement's start, fewer informative values than pixel values at some gated layer on the
+      way to ``layer`` (a max-pool's distinct maxima, a ReLU's or an earlier block's non-zero values:
+      :func:`peel_jax.certify_network`'s path count); no prior
       on the others (when no image of the batch needs it, exactly the ``None`` refinement).
     prior_weight: ``lambda_tv`` of the ``'tv'`` prior, in the Mahendran-Vedaldi baseline's units (> 0).
     prior_rho: the augmented-Lagrangian penalty of the prior's refinement; ``None`` chooses by where ``layer`` is

@@ -98,9 +98,10 @@ def _refine(model, variables, layer, observed, x_img, figures, key, cfg: Network
 
 
 def _path_underdetermined(model, variables, layer, x_img):
-  """``(N,) bool``: some gated layer before ``layer`` (:func:`peel_jax.certify_network`'s path count) has fewer
-  non-zero values at the start ``x_img`` than the image has pixel values: the Jacobian there has a null space, so the
-  observation cannot pin the image down near the start, whatever its own count says."""
+  """``(N,) bool``: at the start ``x_img``, some gated layer on the way to ``layer`` has fewer values that vary with
+  the pixels than the image has pixel values (:func:`peel_jax.certify_network`'s path count: non-zero values, a
+  max-pool's distinct maxima). The Jacobian there has a null space, so the observation cannot pin the image down
+  near the start, whatever its own count says."""
   counts, _ = path_informative_values(model, variables, layer, x_img)
   if counts.shape[1] == 0:
     return jnp.zeros(x_img.shape[:1], bool)

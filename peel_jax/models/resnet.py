@@ -83,6 +83,11 @@ class Activation(nn.Module):
     return activation_fn(self.kind, self.negative_slope, slope)(x)
 
 
+def stem_max_pool(x: jax.Array) -> jax.Array:
+  """The stem's max-pool of ``(N, H, W, C)``: 3x3 windows, stride 2, padding 1 (torchvision's ``MaxPool2d(3, 2, 1)``)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
 def _conv(features, kernel, stride, name, *, bias, groups=1):
   pad = kernel // 2
   return nn.Conv(
@@ -301,7 +306,7 @@ class ResNet(nn.Module):
     x = Activation(self.activation, self.negative_slope, name="relu")(x)
     sow("relu", x)
     if self.stem_pool == "max":
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = stem_max_pool(x)
     elif self.stem_pool == "avg":
       x = nn.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), count_include_pad=True)
     sow("maxpool", x)
