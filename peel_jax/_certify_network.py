@@ -258,13 +258,12 @@ def path_informative_values(model, variables, layer: str, x: jax.Array) -> tuple
   on the rank of the Jacobian of pixels -> ``layer`` at ``x`` (module docstring): the non-zero values; for a
   max-pool, the positions of its input holding a positive window maximum (:func:`max_pool_sources`). Traceable;
   ``K`` may be 0."""
-  names = gated_layers_before(model, layer)
-  if layer == "maxpool" and model.stem_pool == "max" and is_gated(model, layer):
-    names = names + ["maxpool"]
+  max_pooled = model.stem_pool == "max" and is_gated(model, "maxpool")
+  names = gated_layers_before(model, layer) + (["maxpool"] if layer == "maxpool" and max_pooled else [])
   if not names:
     return jnp.zeros((x.shape[0], 0), jnp.int32), names
-  feats = features(model, variables, x, sorted(set(names) | {"relu"}))
-  counts = [max_pool_sources(feats["relu"]) if n == "maxpool" and model.stem_pool == "max"
+  feats = features(model, variables, x, sorted(set(names) | ({"relu"} if max_pooled else set())))
+  counts = [max_pool_sources(feats["relu"]) if n == "maxpool" and max_pooled
             else jnp.sum(feats[n].reshape(x.shape[0], -1) != 0, axis=1, dtype=jnp.int32) for n in names]
   return jnp.stack(counts, axis=1), names
 

@@ -163,9 +163,9 @@ def _summary_table(setting: dict) -> str:
              "reproduces the observation (a prior, not the observation, decides among them); <b>not_injective</b>: "
              "two different exact preimages were found; <b>locally_underdetermined</b>: the Jacobian is singular at "
              "the reconstruction, numerically or because a layer on the way (a max-pool, an earlier block) has fewer "
-             "non-zero values there than the image has pixel values; <b>determined</b>: no evidence against a unique preimage (evidence, not "
-             "proof). Statements about a reconstruction hold for the image only where it reproduces the "
-             "observation.</p>")
+             "informative values there than the image has pixel values; <b>determined</b>: no evidence against a "
+             "unique preimage (evidence, not proof). Statements about a reconstruction hold for the image only "
+             "where it reproduces the observation.</p>")
   return "\n".join(out)
 
 

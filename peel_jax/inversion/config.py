@@ -59,8 +59,8 @@ class NetworkConfig:
       ``'tv'`` on the images that a count says are not determined: fewer informative observed values than pixel
       values, or, at the refinement's start, fewer informative values than pixel values at some gated layer on the
       way to ``layer`` (a max-pool's distinct maxima, a ReLU's or an earlier block's non-zero values:
-      :func:`peel_jax.certify_network`'s path count); no prior
-      on the others (when no image of the batch needs it, exactly the ``None`` refinement).
+      :func:`peel_jax.certify_network`'s path count); no prior on the others (when no image of the batch needs
+      it, exactly the ``None`` refinement).
     prior_weight: ``lambda_tv`` of the ``'tv'`` prior, in the Mahendran-Vedaldi baseline's units (> 0).
     prior_rho: the augmented-Lagrangian penalty of the prior's refinement; ``None`` chooses by where ``layer`` is
       (never by the image): :data:`POOL_CHOICE_RHO` where the window maxima are chosen (a max-pooled stem's

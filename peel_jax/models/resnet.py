@@ -84,7 +84,7 @@ class Activation(nn.Module):
 
 
 def stem_max_pool(x: jax.Array) -> jax.Array:
-  """The stem's max-pool of ``(N, H, W, C)``: 3x3 windows, stride 2, padding 1 (torchvision's ``MaxPool2d(3, 2, 1)``)."""
+  """The stem's max-pool of ``(N, H, W, C)``: 3x3 windows, stride 2, padding 1 (torch's ``MaxPool2d(3, 2, 1)``)."""
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
