@@ -8,7 +8,8 @@ Networks (``--networks``; random inits are seeded by ``--seed``):
 * ``resnet18``, ``resnet50``: torchvision architectures at Flax's random init (BatchNorm statistics 0 and 1).
 * ``resnet18_bn``, ``resnet50_bn``: the same with random BatchNorm statistics and affine parameters
   (:func:`random_batch_stats`), as a trained network has non-trivial ones.
-* ``resnet18_trained``: resnet18 trained here, offline, on the bundled digits (:mod:`experiments._training`).
+* ``resnet18_trained``: resnet18 trained here, offline, on the bundled digits (:func:`trained_resnet18`); trained
+  once into ``OUT/networks/``, its hold-out accuracy beside it.
 * ``paper_0.3``, ``paper_he``: the paper variant (no BatchNorm, no post-add ReLU, no stem pool) with every branch's
   last conv scaled by 0.3, and at He scale.
 
@@ -43,6 +44,7 @@ import numpy as np
 NETWORKS = ("resnet18", "resnet50", "resnet18_bn", "resnet50_bn", "resnet18_trained", "paper_0.3", "paper_he")
 LAYERS = ("maxpool", "layer1", "layer2", "layer3", "layer4")
 BASE_METHODS = ("peel", "peel_blockwise", "peel_hybrid")
+TRAINED_STEPS, TRAINED_SIZE = 300, 96  # resnet18_trained: Adam steps (batch 64) on the digits, at this side
 
 
 def random_batch_stats(variables: dict, key) -> dict:
@@ -73,8 +75,8 @@ def random_batch_stats(variables: dict, key) -> dict:
   return out
 
 
-def build_network(name: str, size: int, seed: int):
-  """``(model, variables)`` of one ``--networks`` entry."""
+def build_network(name: str, size: int, seed: int, cache_dir: str | None = None):
+  """``(model, variables)`` of one ``--networks`` entry; ``resnet18_trained`` is trained once into ``cache_dir``."""
   import jax
   import jax.numpy as jnp
 
@@ -86,7 +88,10 @@ def build_network(name: str, size: int, seed: int):
     model = models.resnet18(**models.paper_variant())
     return model, scale_branches(model.init(jax.random.key(seed), x), 0.3 if name == "paper_0.3" else 1.0)
   if name == "resnet18_trained":
-    return _trained_resnet18(seed)
+    path = None if cache_dir is None else os.path.join(cache_dir, f"resnet18_trained_s{seed}.msgpack")
+    model, variables, stats = trained_resnet18(seed, path)
+    print(f"deployed: resnet18_trained: {json.dumps(stats)}", flush=True)
+    return model, variables
   model = models.get_model(name.removesuffix("_bn"))
   variables = model.init(jax.random.key(seed), x)
   if name.endswith("_bn"):
@@ -94,19 +99,30 @@ def build_network(name: str, size: int, seed: int):
   return model, variables
 
 
-def _trained_resnet18(seed: int):
+def trained_resnet18(seed: int, path: str | None, *, steps: int = TRAINED_STEPS, size: int = TRAINED_SIZE):
+  """``(model, variables, stats)``: torchvision resnet18 trained by Adam on the bundled digits at ``size`` px
+  (:func:`experiments._training.train_classifier`; its BatchNorm statistics stay at init). With ``path``, trained
+  once: the variables are kept there and the stats (hold-out accuracy among them) in ``path + '.json'``."""
+  import functools
+
   import jax
   import jax.numpy as jnp
 
   from experiments import _training
   from peel_jax import data, images, models
 
-  ds = data.load_images("bundled:digits", size=96)
+  ds = data.load_images("bundled:digits", size=size)
   model = models.get_model("resnet18", num_classes=len(ds.label_names))
   x = images.normalize(ds.images)
   init = model.init(jax.random.key(seed), jnp.asarray(x[:1]))
-  variables, _ = _training.train_classifier(model, init, x, ds.labels, key=jax.random.key(seed + 7), steps=300)
-  return model, variables
+  train = functools.partial(_training.train_classifier, model, init, x, ds.labels, key=jax.random.key(seed + 7),
+                            steps=steps)
+  if path is None:
+    variables, stats = train()
+  else:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    variables, stats = _training.cached_training(path, model, init, train)
+  return model, variables, stats
 
 
 def unit_name(network: str, layer: str, method: str) -> str:
@@ -243,7 +259,7 @@ def main(argv=None) -> int:
   x = jnp.asarray(images.normalize(np.stack([images.bundled(n, a.size) for n in names])))
   os.makedirs(os.path.join(a.out, "units"), exist_ok=True)
   for network in networks:
-    model, variables = build_network(network, a.size, a.seed)
+    model, variables = build_network(network, a.size, a.seed, os.path.join(a.out, "networks"))
     for layer in layers:
       if layer == "maxpool" and network.startswith("paper"):
         continue  # the paper variant has no stem pool

@@ -22,7 +22,7 @@ def test_smallest_unit_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
 
   monkeypatch.setattr(deployed, "solve", stand_in)
   tiny = models.ResNet(stage_sizes=(1,), **models.paper_variant())  # the harness is the same for resnet18
-  monkeypatch.setattr(deployed, "build_network", lambda name, size, seed: (
+  monkeypatch.setattr(deployed, "build_network", lambda name, size, seed, cache_dir: (
       tiny, tiny.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))))
   out = str(tmp_path / "d")
   opts = {"--out": out, "--networks": "paper_0.3", "--layers": "maxpool,layer1", "--methods": "peel_blockwise",
@@ -74,3 +74,20 @@ def test_certificate_cell_names_the_path_bound_where_the_observation_allows_dete
   assert deployed._certificate_cell(rec).endswith(">= 2984 at the estimate (layer1)")
   older_unit = {"status": ["determined"], "null_dim_bound": [0]}  # written before the path bound
   assert deployed._certificate_cell(older_unit) == "determined, >= 0"
+
+
+def test_trained_network_is_trained_once_and_reloaded(tmp_path, monkeypatch):
+  """resnet18_trained: a short training run on the bundled digits is cached with its stats, and a rerun loads the
+  same variables without training again."""
+  from experiments import _training
+
+  path = str(tmp_path / "networks" / "r18.msgpack")
+  model, variables, stats = deployed.trained_resnet18(0, path, steps=2, size=16)
+  assert stats["steps"] == 2 and 0.0 <= stats["holdout_accuracy"] <= 1.0 and np.isfinite(stats["final_loss"])
+  assert os.path.exists(path) and os.path.exists(path + ".json")
+  init = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  assert not np.array_equal(variables["params"]["fc"]["kernel"], init["params"]["fc"]["kernel"])  # trained
+  monkeypatch.setattr(_training, "train_classifier", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+  _, again, again_stats = deployed.trained_resnet18(0, path, steps=2, size=16)
+  assert again_stats == stats
+  jax.tree.map(np.testing.assert_array_equal, again, variables)
