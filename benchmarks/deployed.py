@@ -88,7 +88,8 @@ def build_network(name: str, size: int, seed: int, cache_dir: str | None = None)
     model = models.resnet18(**models.paper_variant())
     return model, scale_branches(model.init(jax.random.key(seed), x), 0.3 if name == "paper_0.3" else 1.0)
   if name == "resnet18_trained":
-    path = None if cache_dir is None else os.path.join(cache_dir, f"resnet18_trained_s{seed}.msgpack")
+    name = f"resnet18_trained_s{seed}_{TRAINED_STEPS}steps_{TRAINED_SIZE}px.msgpack"  # a new recipe, a new file
+    path = None if cache_dir is None else os.path.join(cache_dir, name)
     model, variables, stats = trained_resnet18(seed, path)
     print(f"deployed: resnet18_trained: {json.dumps(stats)}", flush=True)
     return model, variables

@@ -87,7 +87,10 @@ def test_trained_network_is_trained_once_and_reloaded(tmp_path, monkeypatch):
   assert os.path.exists(path) and os.path.exists(path + ".json")
   init = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   assert not np.array_equal(variables["params"]["fc"]["kernel"], init["params"]["fc"]["kernel"])  # trained
-  monkeypatch.setattr(_training, "train_classifier", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+  def retrain(*args, **kwargs):
+    raise AssertionError("retrained")
+
+  monkeypatch.setattr(_training, "train_classifier", retrain)
   _, again, again_stats = deployed.trained_resnet18(0, path, steps=2, size=16)
   assert again_stats == stats
   jax.tree.map(np.testing.assert_array_equal, again, variables)
