@@ -88,9 +88,7 @@ def build_network(name: str, size: int, seed: int, cache_dir: str | None = None)
     model = models.resnet18(**models.paper_variant())
     return model, scale_branches(model.init(jax.random.key(seed), x), 0.3 if name == "paper_0.3" else 1.0)
   if name == "resnet18_trained":
-    name = f"resnet18_trained_s{seed}_{TRAINED_STEPS}steps_{TRAINED_SIZE}px.msgpack"  # a new recipe, a new file
-    path = None if cache_dir is None else os.path.join(cache_dir, name)
-    model, variables, stats = trained_resnet18(seed, path)
+    model, variables, stats = trained_resnet18(seed, cache_dir)
     print(f"deployed: resnet18_trained: {json.dumps(stats)}", flush=True)
     return model, variables
   model = models.get_model(name.removesuffix("_bn"))
@@ -100,10 +98,11 @@ def build_network(name: str, size: int, seed: int, cache_dir: str | None = None)
   return model, variables
 
 
-def trained_resnet18(seed: int, path: str | None, *, steps: int = TRAINED_STEPS, size: int = TRAINED_SIZE):
+def trained_resnet18(seed: int, cache_dir: str | None, *, steps: int = TRAINED_STEPS, size: int = TRAINED_SIZE):
   """``(model, variables, stats)``: torchvision resnet18 trained by Adam on the bundled digits at ``size`` px
-  (:func:`experiments._training.train_classifier`; its BatchNorm statistics stay at init). With ``path``, trained
-  once: the variables are kept there and the stats (hold-out accuracy among them) in ``path + '.json'``."""
+  (:func:`experiments._training.train_classifier`; its BatchNorm statistics stay at init). With ``cache_dir``,
+  trained once per recipe: the variables are kept in ``cache_dir/resnet18_trained_s{seed}_{steps}steps_{size}px
+  .msgpack`` and the stats (hold-out accuracy among them) beside it, ``+ '.json'``."""
   import functools
 
   import jax
@@ -118,10 +117,11 @@ def trained_resnet18(seed: int, path: str | None, *, steps: int = TRAINED_STEPS,
   init = model.init(jax.random.key(seed), jnp.asarray(x[:1]))
   train = functools.partial(_training.train_classifier, model, init, x, ds.labels, key=jax.random.key(seed + 7),
                             steps=steps)
-  if path is None:
+  if cache_dir is None:
     variables, stats = train()
   else:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"resnet18_trained_s{seed}_{steps}steps_{size}px.msgpack")
     variables, stats = _training.cached_training(path, model, init, train)
   return model, variables, stats
 

@@ -81,8 +81,9 @@ def test_trained_network_is_trained_once_and_reloaded(tmp_path, monkeypatch):
   same variables without training again."""
   from experiments import _training
 
-  path = str(tmp_path / "networks" / "r18.msgpack")
-  model, variables, stats = deployed.trained_resnet18(0, path, steps=2, size=16)
+  cache = str(tmp_path / "networks")
+  model, variables, stats = deployed.trained_resnet18(0, cache, steps=2, size=16)
+  path = os.path.join(cache, "resnet18_trained_s0_2steps_16px.msgpack")  # the recipe names the file
   assert stats["steps"] == 2 and 0.0 <= stats["holdout_accuracy"] <= 1.0 and np.isfinite(stats["final_loss"])
   assert os.path.exists(path) and os.path.exists(path + ".json")
   init = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
@@ -91,6 +92,6 @@ def test_trained_network_is_trained_once_and_reloaded(tmp_path, monkeypatch):
     raise AssertionError("retrained")
 
   monkeypatch.setattr(_training, "train_classifier", retrain)
-  _, again, again_stats = deployed.trained_resnet18(0, path, steps=2, size=16)
+  _, again, again_stats = deployed.trained_resnet18(0, cache, steps=2, size=16)
   assert again_stats == stats
   jax.tree.map(np.testing.assert_array_equal, again, variables)
