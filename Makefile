@@ -16,8 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 # Two pytest-xdist workers, a whole test file each at a time (a file's tests share compiled programs): on 2 cores,
 # 11-22% less wall time than one process (which keeps only about 1.4 of the 2 cores busy: XLA compiles on one thread).
+# Files go out slowest first (tests/conftest.py), not by xdist's default count of tests per file.
 test: setup
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=20
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 
 demo: setup
 	$(VENV)/bin/peel-jax demo --out demo_out --overwrite

@@ -25,12 +25,6 @@ FAST = ["--size", "96", "--layers", "maxpool,layer1", "--max-iters", "2", "--cg-
 OUTPUTS = ("config.json", "metrics.csv", "summary.json", "index.html", "psnr.png", "grid.png")
 
 
-@pytest.fixture(autouse=True)
-def _data_dir(tmp_path_factory, monkeypatch):
-  """Prepared datasets go to one temporary cache for the session, never to the home directory."""
-  monkeypatch.setenv("PEEL_JAX_DATA_DIR", str(tmp_path_factory.getbasetemp() / "tfds"))
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   """Two bundled photos as files: one already 96x96, one 80x80 (the audit resizes it and says so)."""
