@@ -23,12 +23,6 @@ ATTACK = ["--images", "1", "--size", "32", "--layers", "layer1", "--max-iters", 
           "--mv-steps", "3", "--peel-iters", "3"]
 
 
-@pytest.fixture(autouse=True)
-def _data_dir(tmp_path_factory, monkeypatch):
-  """Prepared datasets go to one temporary cache for the session, never to the home directory."""
-  monkeypatch.setenv("PEEL_JAX_DATA_DIR", str(tmp_path_factory.getbasetemp() / "tfds"))
-
-
 def _json(path) -> dict:
   with open(path) as f:
     return json.load(f)
