@@ -18,10 +18,11 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 _REL_ERRORS = pytest.StashKey[dict]()
 
-# Seconds per file measured under ``make test`` (2026-12-08, 2 cores, 908 s in all), the slowest first. ``make test``
-# runs ``--dist loadfile --no-loadscope-reorder``: xdist hands whole files to its two workers in collection order,
-# the next to whichever is nearly done. Slowest first (longest-processing-time-first scheduling) leaves only short
-# files for the end, where one worker would otherwise run a long file alone. Unlisted files run last, in name order.
+# Seconds per file, the sum of its tests' times under ``make test`` (2026-12-08, 2 cores; that run took 908 s),
+# the slowest first. ``make test`` runs ``--dist loadfile --no-loadscope-reorder``: xdist hands whole files to its
+# two workers in collection order, the next to whichever is nearly done. Slowest first (longest-processing-time-first
+# scheduling) leaves only short files for the end, where one worker would otherwise run a long file alone. Unlisted
+# files run last, in name order.
 SLOWEST_FILES_FIRST = (
     "test_experiments.py",  # 348 (its studies share compiled programs: split in three files, they took 448 s)
     "test_invert_block.py",  # 302
